@@ -1,0 +1,370 @@
+//! `xent.v1.Tensor` to typed buffers and back, for the server's decoder and the client alike.
+//!
+//! Decoding checks everything a tensor can get wrong on its own (dtype, shape, data length,
+//! which data field is used) and reports it as a [`TensorError`]; the caller names the field.
+//! Raw bytes become a [`Buf`] that borrows the received frame where it can.
+
+use bytemuck::Pod;
+use half::{bf16, f16};
+
+use crate::dtype::DType;
+use crate::proto;
+use crate::tensor::{Buf, vec_into_bytes};
+
+/// What is wrong with one tensor, without the name of the field it came in.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TensorError {
+    /// The message is absent.
+    #[error("is required")]
+    Missing,
+    /// `dtype` is unset or unknown.
+    #[error("has no valid dtype (got {0}); expected one of float16, bfloat16, float32, float64, int32, int64")]
+    UnknownDType(i32),
+    /// A dimension is negative.
+    #[error("has a negative dimension {dim} at position {pos} of its shape")]
+    NegativeDim {
+        /// The dimension's position.
+        pos: usize,
+        /// Its value.
+        dim: i64,
+    },
+    /// The element count (or its byte size) does not fit in memory addressing.
+    #[error("has a shape {shape:?} whose element count overflows")]
+    ShapeOverflow {
+        /// The shape as received.
+        shape: Vec<i64>,
+    },
+    /// More than one data field is set.
+    #[error("sets more than one data field ({0}); set exactly one")]
+    SeveralDataFields(String),
+    /// The typed field used does not belong to the dtype.
+    #[error("carries {field} for dtype {dtype}; use raw_data or {expected}")]
+    WrongDataField {
+        /// The field that was set.
+        field: &'static str,
+        /// The tensor's dtype.
+        dtype: DType,
+        /// The field that goes with the dtype.
+        expected: &'static str,
+    },
+    /// The data does not have as many elements as the shape says.
+    #[error("has {got} {unit} of data but shape {shape:?} with dtype {dtype} needs {want}")]
+    WrongLength {
+        /// The shape.
+        shape: Vec<usize>,
+        /// The dtype.
+        dtype: DType,
+        /// Bytes or elements.
+        unit: &'static str,
+        /// Received count.
+        got: usize,
+        /// Needed count.
+        want: usize,
+    },
+}
+
+/// A decoded tensor of elements `T`.
+#[derive(Clone, Debug)]
+pub struct Shaped<T: Pod> {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major elements.
+    pub data: Buf<T>,
+}
+
+impl<T: Pod> Shaped<T> {
+    /// The elements as an n-dimensional view.
+    pub fn view(&self) -> ndarray::ArrayViewD<'_, T> {
+        ndarray::ArrayViewD::from_shape(ndarray::IxDyn(&self.shape), self.data.as_slice())
+            .expect("shape and length are checked at decode")
+    }
+}
+
+/// A decoded tensor of any dtype.
+#[derive(Clone, Debug)]
+pub enum AnyTensor {
+    /// float16 elements.
+    F16(Shaped<f16>),
+    /// bfloat16 elements.
+    BF16(Shaped<bf16>),
+    /// float32 elements.
+    F32(Shaped<f32>),
+    /// float64 elements.
+    F64(Shaped<f64>),
+    /// int32 elements.
+    I32(Shaped<i32>),
+    /// int64 elements.
+    I64(Shaped<i64>),
+}
+
+impl AnyTensor {
+    /// The dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            AnyTensor::F16(_) => DType::F16,
+            AnyTensor::BF16(_) => DType::BF16,
+            AnyTensor::F32(_) => DType::F32,
+            AnyTensor::F64(_) => DType::F64,
+            AnyTensor::I32(_) => DType::I32,
+            AnyTensor::I64(_) => DType::I64,
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            AnyTensor::F16(t) => &t.shape,
+            AnyTensor::BF16(t) => &t.shape,
+            AnyTensor::F32(t) => &t.shape,
+            AnyTensor::F64(t) => &t.shape,
+            AnyTensor::I32(t) => &t.shape,
+            AnyTensor::I64(t) => &t.shape,
+        }
+    }
+
+    /// Every element widened to `f64`, for small float tensors (weights, upstream).
+    /// `None` for integer tensors.
+    pub fn floats_to_f64(&self) -> Option<Vec<f64>> {
+        fn widen<T: Pod + Into<f64>>(t: &Shaped<T>) -> Vec<f64> {
+            t.data.as_slice().iter().map(|&v| v.into()).collect()
+        }
+        Some(match self {
+            AnyTensor::F16(t) => widen(t),
+            AnyTensor::BF16(t) => widen(t),
+            AnyTensor::F32(t) => widen(t),
+            AnyTensor::F64(t) => widen(t),
+            AnyTensor::I32(_) | AnyTensor::I64(_) => return None,
+        })
+    }
+}
+
+/// The API's dtype enum to ours.
+pub fn dtype_from_proto(v: i32) -> Option<DType> {
+    match proto::DType::try_from(v).ok()? {
+        proto::DType::DtypeUnspecified => None,
+        proto::DType::DtypeFloat16 => Some(DType::F16),
+        proto::DType::DtypeBfloat16 => Some(DType::BF16),
+        proto::DType::DtypeFloat32 => Some(DType::F32),
+        proto::DType::DtypeFloat64 => Some(DType::F64),
+        proto::DType::DtypeInt32 => Some(DType::I32),
+        proto::DType::DtypeInt64 => Some(DType::I64),
+    }
+}
+
+/// Ours to the API's.
+pub fn dtype_to_proto(d: DType) -> proto::DType {
+    match d {
+        DType::F16 => proto::DType::DtypeFloat16,
+        DType::BF16 => proto::DType::DtypeBfloat16,
+        DType::F32 => proto::DType::DtypeFloat32,
+        DType::F64 => proto::DType::DtypeFloat64,
+        DType::I32 => proto::DType::DtypeInt32,
+        DType::I64 => proto::DType::DtypeInt64,
+    }
+}
+
+/// Checks a shape and returns it as `usize` with its element count.
+pub fn checked_shape(shape: &[i64], dtype: DType) -> Result<(Vec<usize>, usize), TensorError> {
+    let mut dims = Vec::with_capacity(shape.len());
+    let mut count: usize = 1;
+    for (pos, &dim) in shape.iter().enumerate() {
+        let d = usize::try_from(dim).map_err(|_| TensorError::NegativeDim { pos, dim })?;
+        count = count
+            .checked_mul(d)
+            .ok_or_else(|| TensorError::ShapeOverflow { shape: shape.to_vec() })?;
+        dims.push(d);
+    }
+    // The byte size must be addressable too (and within isize for slices).
+    count
+        .checked_mul(dtype.size())
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| TensorError::ShapeOverflow { shape: shape.to_vec() })?;
+    Ok((dims, count))
+}
+
+/// Decodes a received tensor, taking ownership so raw bytes are borrowed, not copied.
+pub fn decode(t: Option<proto::Tensor>) -> Result<AnyTensor, TensorError> {
+    let mut t = t.ok_or(TensorError::Missing)?;
+    let dtype = dtype_from_proto(t.dtype).ok_or(TensorError::UnknownDType(t.dtype))?;
+    let (shape, count) = checked_shape(&t.shape, dtype)?;
+    let set: Vec<&'static str> = [
+        ("raw_data", !t.raw_data.is_empty()),
+        ("float_data", !t.float_data.is_empty()),
+        ("double_data", !t.double_data.is_empty()),
+        ("int32_data", !t.int32_data.is_empty()),
+        ("int64_data", !t.int64_data.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, present)| present.then_some(name))
+    .collect();
+    if set.len() > 1 {
+        return Err(TensorError::SeveralDataFields(set.join(", ")));
+    }
+    let field = set.first().copied().unwrap_or("raw_data");
+    let expected = typed_field(dtype);
+    if field != "raw_data" && field != expected {
+        return Err(TensorError::WrongDataField { field, dtype, expected });
+    }
+    let wrong_len = |unit, got| TensorError::WrongLength {
+        shape: shape.clone(),
+        dtype,
+        unit,
+        got,
+        want: if unit == "bytes" { count * dtype.size() } else { count },
+    };
+    if field == "raw_data" {
+        let raw = std::mem::take(&mut t.raw_data);
+        if raw.len() != count * dtype.size() {
+            return Err(wrong_len("bytes", raw.len()));
+        }
+        fn raw_buf<T: Pod>(raw: bytes::Bytes, shape: Vec<usize>) -> Shaped<T> {
+            let data = Buf::from_le_bytes(raw).expect("length checked against the shape");
+            Shaped { shape, data }
+        }
+        return Ok(match dtype {
+            DType::F16 => AnyTensor::F16(raw_buf(raw, shape)),
+            DType::BF16 => AnyTensor::BF16(raw_buf(raw, shape)),
+            DType::F32 => AnyTensor::F32(raw_buf(raw, shape)),
+            DType::F64 => AnyTensor::F64(raw_buf(raw, shape)),
+            DType::I32 => AnyTensor::I32(raw_buf(raw, shape)),
+            DType::I64 => AnyTensor::I64(raw_buf(raw, shape)),
+        });
+    }
+    let got = match dtype {
+        DType::F16 | DType::BF16 | DType::F32 => t.float_data.len(),
+        DType::F64 => t.double_data.len(),
+        DType::I32 => t.int32_data.len(),
+        DType::I64 => t.int64_data.len(),
+    };
+    if got != count {
+        return Err(wrong_len("elements", got));
+    }
+    fn owned<T: Pod>(v: Vec<T>, shape: Vec<usize>) -> Shaped<T> {
+        Shaped { shape, data: Buf::from_vec(v) }
+    }
+    Ok(match dtype {
+        DType::F16 => AnyTensor::F16(owned(
+            t.float_data.iter().map(|&v| f16::from_f32(v)).collect(),
+            shape,
+        )),
+        DType::BF16 => AnyTensor::BF16(owned(
+            t.float_data.iter().map(|&v| bf16::from_f32(v)).collect(),
+            shape,
+        )),
+        DType::F32 => AnyTensor::F32(owned(t.float_data, shape)),
+        DType::F64 => AnyTensor::F64(owned(t.double_data, shape)),
+        DType::I32 => AnyTensor::I32(owned(t.int32_data, shape)),
+        DType::I64 => AnyTensor::I64(owned(t.int64_data, shape)),
+    })
+}
+
+/// The typed data field that goes with a dtype.
+pub fn typed_field(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 | DType::BF16 | DType::F32 => "float_data",
+        DType::F64 => "double_data",
+        DType::I32 => "int32_data",
+        DType::I64 => "int64_data",
+    }
+}
+
+/// Element types that can be put on the wire.
+pub trait WireElement: Pod + Send + Sync {
+    /// The dtype.
+    const DTYPE: DType;
+    /// Moves elements into the tensor's typed field.
+    fn put_typed(v: Vec<Self>, t: &mut proto::Tensor);
+    /// Takes a decoded tensor of this element type, if it is one.
+    fn take(t: AnyTensor) -> Option<Shaped<Self>>;
+}
+
+macro_rules! wire_element {
+    ($t:ty, $dtype:expr, $variant:ident, |$v:ident, $tensor:ident| $put:expr) => {
+        impl WireElement for $t {
+            const DTYPE: DType = $dtype;
+            fn put_typed($v: Vec<Self>, $tensor: &mut proto::Tensor) {
+                $put
+            }
+            fn take(t: AnyTensor) -> Option<Shaped<Self>> {
+                match t {
+                    AnyTensor::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+wire_element!(f16, DType::F16, F16, |v, t| t.float_data = v.iter().map(|x| x.to_f32()).collect());
+wire_element!(bf16, DType::BF16, BF16, |v, t| t.float_data = v.iter().map(|x| x.to_f32()).collect());
+wire_element!(f32, DType::F32, F32, |v, t| t.float_data = v);
+wire_element!(f64, DType::F64, F64, |v, t| t.double_data = v);
+wire_element!(i32, DType::I32, I32, |v, t| t.int32_data = v);
+wire_element!(i64, DType::I64, I64, |v, t| t.int64_data = v);
+
+/// Encodes elements and a shape as a tensor, raw bytes (no copy) or typed.
+pub fn encode<T: WireElement>(shape: &[usize], data: Vec<T>, raw: bool) -> proto::Tensor {
+    let mut t = proto::Tensor {
+        dtype: dtype_to_proto(T::DTYPE) as i32,
+        shape: shape.iter().map(|&d| d as i64).collect(),
+        ..Default::default()
+    };
+    if raw {
+        t.raw_data = vec_into_bytes(data);
+    } else {
+        T::put_typed(data, &mut t);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_tensor(shape: Vec<i64>, raw: Vec<u8>) -> proto::Tensor {
+        proto::Tensor {
+            dtype: proto::DType::DtypeFloat32 as i32,
+            shape,
+            raw_data: raw.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn raw_and_typed_round_trip() {
+        for raw in [true, false] {
+            let t = encode(&[2, 2], vec![1.0f32, 2.0, 3.0, 4.0], raw);
+            let AnyTensor::F32(s) = decode(Some(t)).unwrap() else { panic!("dtype") };
+            assert_eq!(s.shape, vec![2, 2]);
+            assert_eq!(s.data.as_slice(), &[1.0, 2.0, 3.0, 4.0]);
+        }
+        let t = encode(&[3], vec![bf16::from_f32(0.5); 3], false);
+        assert_eq!(decode(Some(t)).unwrap().dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(decode(None).unwrap_err(), TensorError::Missing);
+        let e = decode(Some(f32_tensor(vec![2, 3], vec![0; 20]))).unwrap_err();
+        assert_eq!(e.to_string(), "has 20 bytes of data but shape [2, 3] with dtype float32 needs 24");
+        let e = decode(Some(f32_tensor(vec![2, -1], vec![]))).unwrap_err();
+        assert!(matches!(e, TensorError::NegativeDim { pos: 1, dim: -1 }));
+        let e = decode(Some(f32_tensor(vec![1 << 40, 1 << 40], vec![]))).unwrap_err();
+        assert!(matches!(e, TensorError::ShapeOverflow { .. }));
+        let mut t = f32_tensor(vec![1], vec![]);
+        t.double_data = vec![1.0];
+        assert!(matches!(decode(Some(t)).unwrap_err(), TensorError::WrongDataField { .. }));
+        let mut t = f32_tensor(vec![1], vec![0; 4]);
+        t.float_data = vec![1.0];
+        assert!(matches!(decode(Some(t)).unwrap_err(), TensorError::SeveralDataFields(_)));
+        let mut t = f32_tensor(vec![1], vec![0; 4]);
+        t.dtype = 99;
+        assert_eq!(decode(Some(t)).unwrap_err(), TensorError::UnknownDType(99));
+    }
+
+    #[test]
+    fn empty_tensors_need_no_data() {
+        let t = f32_tensor(vec![0, 5], vec![]);
+        assert_eq!(decode(Some(t)).unwrap().shape(), &[0, 5]);
+    }
+}

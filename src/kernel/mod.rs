@@ -1,0 +1,354 @@
+//! The fused softmax cross-entropy kernel: pure functions over ndarray views.
+//!
+//! This module knows nothing of gRPC, async or metrics (`.ci/run` checks it): it takes
+//! checked inputs and caller-owned gradient buffers and returns the loss. The contract it
+//! implements is the project's semantics document; the formulas are in [`rows`]'s docs.
+//!
+//! How a call runs:
+//! 1. [`reduce`] computes each example's effective weight and the reduction's denominator,
+//!    serially, so each row's gradient factor is known before any row is computed;
+//! 2. rows are split into blocks of whole outer slabs and computed on the current rayon
+//!    pool (serially when the call is small); each row is one fused pass structure;
+//! 3. per-example losses are summed in index order for reduced losses.
+//!
+//! A row's result therefore depends only on that row, its weights and the reduction's
+//! denominator: never on the thread count or on what else was computed with it.
+
+mod layout;
+mod options;
+pub mod reduce;
+pub mod reference;
+mod rows;
+
+use ndarray::{ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3, ShapeBuilder};
+use rayon::prelude::*;
+
+use crate::dtype::Element;
+pub use layout::{Layout, normalize_axis};
+pub use options::{Options, Reduction};
+use rows::{DenseRow, LabelRow, RowGrads, SparseRow, logits_row, probabilities_row};
+
+/// Class ids, one per row, in row order.
+#[derive(Clone, Copy, Debug)]
+pub enum ClassIds<'a> {
+    /// int32 ids.
+    I32(&'a [i32]),
+    /// int64 ids.
+    I64(&'a [i64]),
+}
+
+impl ClassIds<'_> {
+    /// The id of row `r`.
+    #[inline]
+    pub fn get(&self, r: usize) -> i64 {
+        match self {
+            ClassIds::I32(v) => i64::from(v[r]),
+            ClassIds::I64(v) => v[r],
+        }
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        match self {
+            ClassIds::I32(v) => v.len(),
+            ClassIds::I64(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The labels of a problem.
+#[derive(Clone, Copy, Debug)]
+pub enum Labels<'a, T> {
+    /// Dense label rows laid out like the logits.
+    Dense(ArrayView3<'a, T>),
+    /// One class id per row.
+    Sparse(ClassIds<'a>),
+}
+
+/// The upstream gradient multiplied into the returned gradients.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Upstream<'a> {
+    /// All ones.
+    #[default]
+    Ones,
+    /// One value per row (reduction `None`).
+    PerExample(&'a [f64]),
+    /// One value for a reduced loss.
+    Scalar(f64),
+}
+
+/// A checked problem: logits seen as `(outer, classes, inner)` and everything else per row.
+#[derive(Clone, Copy, Debug)]
+pub struct Problem<'a, T> {
+    /// Logits (or probabilities) as `(outer, classes, inner)`, in standard layout.
+    pub logits: ArrayView3<'a, T>,
+    /// Labels.
+    pub labels: Labels<'a, T>,
+    /// Scalar options (the axis is already applied through the layout).
+    pub options: Options,
+    /// Per-class weights, length `classes`.
+    pub class_weights: Option<&'a [f64]>,
+    /// Per-row sample weights (already broadcast), length `rows`.
+    pub sample_weights: Option<&'a [f64]>,
+    /// Upstream gradient.
+    pub upstream: Upstream<'a>,
+}
+
+/// Gradient buffers, laid out like the logits.
+#[derive(Debug, Default)]
+pub struct Grads<'a, T> {
+    /// Gradient w.r.t. the logits.
+    pub logits: Option<ArrayViewMut3<'a, T>>,
+    /// Gradient w.r.t. dense labels.
+    pub labels: Option<ArrayViewMut3<'a, T>>,
+}
+
+/// The loss as returned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Loss {
+    /// Weighted per-example losses `L_i`, in row order (reduction `None`).
+    PerExample(Vec<f64>),
+    /// The reduced loss.
+    Reduced(f64),
+}
+
+/// Inputs the kernel refuses. Requests are validated before they get here, so outside of
+/// tests these mean a bug in validation, except [`KernelError::ClassIdOutOfRange`], which the
+/// validator finds by calling [`check_class_ids`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    /// A class id outside `[0, C)` that is not the ignore index.
+    #[error("class id {value} at position {position} is out of range [0, {classes})")]
+    ClassIdOutOfRange {
+        /// Row-major position of the id in the labels.
+        position: usize,
+        /// The id.
+        value: i64,
+        /// `C`.
+        classes: usize,
+    },
+    /// Buffers whose sizes or layouts do not agree with the logits.
+    #[error("inconsistent problem: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// Finds the first class id outside `[0, classes)` that is not `ignore_index`.
+pub fn check_class_ids(ids: ClassIds<'_>, classes: usize, ignore_index: Option<i64>) -> Result<(), KernelError> {
+    let bad = (0..ids.len()).find(|&r| {
+        let v = ids.get(r);
+        Some(v) != ignore_index && !(0..classes as i64).contains(&v)
+    });
+    match bad {
+        Some(position) => Err(KernelError::ClassIdOutOfRange { position, value: ids.get(position), classes }),
+        None => Ok(()),
+    }
+}
+
+/// Elements per parallel task; smaller calls run on the calling thread.
+const BLOCK_ELEMENTS: usize = 1 << 15;
+
+/// Evaluates the loss, writing the requested gradients into `grads`.
+pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Result<Loss, KernelError> {
+    let (outer, classes, inner) = problem.logits.dim();
+    let layout = Layout { outer, classes, inner };
+    let rows = layout.rows();
+    check(problem, &grads, layout)?;
+    let opts = &problem.options;
+    let ignored = |r: usize| match (problem.labels, opts.ignore_index) {
+        (Labels::Sparse(ids), Some(k)) => ids.get(r) == k,
+        _ => false,
+    };
+    let sample = |r: usize| problem.sample_weights.map_or(1.0, |s| s[r]);
+    let omega = |r: usize| {
+        if ignored(r) {
+            return 0.0;
+        }
+        let class_w = match (problem.labels, problem.class_weights) {
+            (Labels::Sparse(ids), Some(w)) => w[ids.get(r) as usize],
+            _ => 1.0,
+        };
+        sample(r) * class_w
+    };
+    let denom = reduce::denominator(opts.reduction, rows, omega, ignored);
+    // d returned / d loss_i, times upstream.
+    let scale = |r: usize| match (denom, problem.upstream) {
+        (None, Upstream::PerExample(g)) => g[r] * sample(r),
+        (None, _) => sample(r),
+        (Some(d), Upstream::Scalar(g)) => reduce::safe_div(g * sample(r), d),
+        (Some(d), _) => reduce::safe_div(sample(r), d),
+    };
+
+    let mut losses = vec![0.0f64; rows];
+    let block_outer = BLOCK_ELEMENTS.div_ceil((classes * inner).max(1)).max(1);
+    let blocks = split_blocks(outer, block_outer, inner, &mut losses, grads);
+    let run = |b: Block<'_, '_, T>| {
+        let Block { first_outer, losses, mut grad_logits, mut grad_labels } = b;
+        for (k, loss) in losses.iter_mut().enumerate() {
+            let (o, i) = (first_outer + k / inner, k % inner);
+            let r = o * inner + i;
+            let row_grads = RowGrads {
+                logits: grad_logits.as_mut().map(|g| row_mut(g, k / inner, i)),
+                labels: grad_labels.as_mut().map(|g| row_mut(g, k / inner, i)),
+                scale: scale(r),
+            };
+            *loss = if ignored(r) {
+                let mut g = row_grads;
+                g.fill(0.0);
+                0.0
+            } else {
+                sample(r) * row_loss(problem, layout, o, i, r, row_grads)
+            };
+        }
+    };
+    if blocks.len() == 1 {
+        blocks.into_iter().for_each(run);
+    } else {
+        blocks.into_par_iter().for_each(run);
+    }
+    Ok(match denom {
+        None => Loss::PerExample(losses),
+        Some(d) => Loss::Reduced(reduce::safe_div(reduce::ordered_sum(&losses), d)),
+    })
+}
+
+/// The unweighted loss of row `(o, i)`, writing its gradients.
+fn row_loss<T: Element>(p: &Problem<'_, T>, layout: Layout, o: usize, i: usize, r: usize, grads: RowGrads<'_, T>) -> f64 {
+    let x = p.logits.slice(ndarray::s![o, .., i]);
+    let opts = &p.options;
+    let c = layout.classes as f64;
+    let (keep, add) = (1.0 - opts.label_smoothing, opts.label_smoothing / c);
+    match p.labels {
+        Labels::Dense(y) => {
+            let lab = DenseRow { y: y.slice(ndarray::s![o, .., i]), keep, add, class_weights: p.class_weights };
+            dispatch(x, &lab, opts, grads)
+        }
+        Labels::Sparse(ids) => {
+            let target = ids.get(r) as usize;
+            let wt = p.class_weights.map_or(1.0, |w| w[target]);
+            let lab = SparseRow { target, keep_wt: keep * wt, add, class_weights: p.class_weights };
+            dispatch(x, &lab, opts, grads)
+        }
+    }
+}
+
+fn dispatch<T: Element, L: LabelRow>(x: ArrayView1<'_, T>, lab: &L, opts: &Options, grads: RowGrads<'_, T>) -> f64 {
+    if opts.from_logits {
+        logits_row(x, lab, opts.z_loss, grads)
+    } else {
+        probabilities_row(x, lab, grads)
+    }
+}
+
+/// Rows `(outer range) x inner` with their slice of every output.
+struct Block<'l, 'g, T> {
+    first_outer: usize,
+    losses: &'l mut [f64],
+    grad_logits: Option<ArrayViewMut3<'g, T>>,
+    grad_labels: Option<ArrayViewMut3<'g, T>>,
+}
+
+/// Splits the outputs into blocks of `block_outer` outer slabs (one allocation per call).
+fn split_blocks<'l, 'g, T>(
+    outer: usize,
+    block_outer: usize,
+    inner: usize,
+    losses: &'l mut [f64],
+    grads: Grads<'g, T>,
+) -> Vec<Block<'l, 'g, T>> {
+    let n = outer.div_ceil(block_outer).max(1);
+    let mut logits = grads.logits.map(|g| g.into_outer_chunks(block_outer));
+    let mut labels = grads.labels.map(|g| g.into_outer_chunks(block_outer));
+    let mut blocks = Vec::with_capacity(n);
+    let mut rest = losses;
+    for b in 0..n {
+        let first = b * block_outer;
+        let take = (outer.min(first + block_outer) - first.min(outer)) * inner;
+        let (head, tail) = rest.split_at_mut(take);
+        rest = tail;
+        blocks.push(Block {
+            first_outer: first,
+            losses: head,
+            grad_logits: logits.as_mut().and_then(Iterator::next),
+            grad_labels: labels.as_mut().and_then(Iterator::next),
+        });
+    }
+    blocks
+}
+
+trait OuterChunks<'a, T> {
+    fn into_outer_chunks(self, size: usize) -> std::vec::IntoIter<ArrayViewMut3<'a, T>>;
+}
+
+impl<'a, T> OuterChunks<'a, T> for ArrayViewMut3<'a, T> {
+    fn into_outer_chunks(self, size: usize) -> std::vec::IntoIter<ArrayViewMut3<'a, T>> {
+        let mut out = Vec::new();
+        let mut rest = self;
+        while rest.len_of(ndarray::Axis(0)) > size {
+            let (head, tail) = rest.split_at(ndarray::Axis(0), size);
+            out.push(head);
+            rest = tail;
+        }
+        out.push(rest);
+        out.into_iter()
+    }
+}
+
+/// The mutable row `(o, :, i)` of a block.
+fn row_mut<'b, T>(g: &'b mut ArrayViewMut3<'_, T>, o: usize, i: usize) -> ArrayViewMut1<'b, T> {
+    g.slice_mut(ndarray::s![o, .., i])
+}
+
+/// Checks that buffers agree with the logits, so no index below can go out of bounds.
+fn check<T>(p: &Problem<'_, T>, grads: &Grads<'_, T>, layout: Layout) -> Result<(), KernelError> {
+    let rows = layout.rows();
+    let dims = layout.dims();
+    if layout.classes == 0 {
+        return Err(KernelError::Inconsistent("no classes"));
+    }
+    match p.labels {
+        Labels::Dense(y) if y.dim() != dims => return Err(KernelError::Inconsistent("labels shape")),
+        Labels::Sparse(ids) if ids.len() != rows => return Err(KernelError::Inconsistent("class ids length")),
+        Labels::Sparse(ids) => check_class_ids(ids, layout.classes, p.options.ignore_index)?,
+        Labels::Dense(_) => {}
+    }
+    if p.class_weights.is_some_and(|w| w.len() != layout.classes) {
+        return Err(KernelError::Inconsistent("class weights length"));
+    }
+    if p.sample_weights.is_some_and(|w| w.len() != rows) {
+        return Err(KernelError::Inconsistent("sample weights length"));
+    }
+    if let Upstream::PerExample(g) = p.upstream
+        && (g.len() != rows || p.options.reduction != Reduction::None)
+    {
+        return Err(KernelError::Inconsistent("upstream shape"));
+    }
+    if grads.logits.as_ref().is_some_and(|g| g.dim() != dims) || grads.labels.as_ref().is_some_and(|g| g.dim() != dims) {
+        return Err(KernelError::Inconsistent("gradient buffer shape"));
+    }
+    if grads.labels.is_some() && matches!(p.labels, Labels::Sparse(_)) {
+        return Err(KernelError::Inconsistent("no labels gradient for class ids"));
+    }
+    Ok(())
+}
+
+/// Views a flat row-major buffer as `(outer, classes, inner)`.
+pub fn view3<T>(data: &[T], layout: Layout) -> Result<ArrayView3<'_, T>, KernelError> {
+    ArrayView3::from_shape(layout.dims().into_shape_with_order(), data)
+        .map_err(|_| KernelError::Inconsistent("buffer length"))
+}
+
+/// Views a flat mutable row-major buffer as `(outer, classes, inner)`.
+pub fn view3_mut<T>(data: &mut [T], layout: Layout) -> Result<ArrayViewMut3<'_, T>, KernelError> {
+    ArrayViewMut3::from_shape(layout.dims().into_shape_with_order(), data)
+        .map_err(|_| KernelError::Inconsistent("buffer length"))
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Slow float64 oracle (being written).

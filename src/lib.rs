@@ -1,0 +1,36 @@
+//! xent: softmax cross-entropy losses and their gradients, evaluated by a gRPC service.
+//!
+//! Layers, each depending only on those below it:
+//!
+//! ```text
+//! bin (xentd, xent) -> server -> api -> compute -> kernel
+//!                      client -> api
+//! ```
+//!
+//! - [`kernel`]: the fused numerics over ndarray views; no async, no gRPC.
+//! - [`eval`]: the validated request shared by the layers.
+//! - [`api`]: the only module that converts protobuf messages (decode and validate, encode).
+//! - [`compute`]: runs kernel work on a dedicated rayon pool, never on tokio's threads.
+//! - [`server`]: the tonic services, health, reflection, shutdown.
+//! - [`client`]: a Rust client with ndarray in and out, used by the `xent` CLI.
+//! - [`error`]: the one error enum and its mapping to gRPC status codes.
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod client;
+pub mod compute;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod eval;
+pub mod kernel;
+pub mod server;
+pub mod tensor;
+
+/// Generated protobuf types and the service's descriptor set (for reflection).
+pub mod proto {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("xent.v1");
+    /// The encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("xent_descriptor");
+}

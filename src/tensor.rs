@@ -1,0 +1,132 @@
+//! Typed element buffers that may borrow the received gRPC frame.
+//!
+//! A request's `raw_data` arrives as a [`bytes::Bytes`] slice of the frame tonic decoded. When
+//! the slice is aligned for the element type (and the host is little-endian), [`Buf`] reads it
+//! in place; otherwise it copies once into an aligned `Vec`. Outputs go the other way:
+//! [`vec_into_bytes`] hands a computed `Vec<T>` to the encoder without copying it.
+
+use std::marker::PhantomData;
+
+use bytemuck::Pod;
+use bytes::Bytes;
+
+/// Elements of type `T`, either borrowed from received bytes or owned.
+#[derive(Clone, Debug)]
+pub struct Buf<T: Pod> {
+    repr: Repr<T>,
+}
+
+#[derive(Clone, Debug)]
+enum Repr<T: Pod> {
+    /// Aligned little-endian bytes whose length is a multiple of `size_of::<T>()`.
+    Shared(Bytes, PhantomData<T>),
+    Owned(Vec<T>),
+}
+
+/// `raw_data` whose length is not a whole number of elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaggedBytes {
+    /// The byte length received.
+    pub len: usize,
+    /// The element size it should be a multiple of.
+    pub elem_size: usize,
+}
+
+impl<T: Pod> Buf<T> {
+    /// Reads little-endian elements, in place when alignment and byte order allow.
+    pub fn from_le_bytes(bytes: Bytes) -> Result<Self, RaggedBytes> {
+        let size = std::mem::size_of::<T>();
+        if bytes.len() % size != 0 {
+            return Err(RaggedBytes { len: bytes.len(), elem_size: size });
+        }
+        let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
+        if cfg!(target_endian = "little") && aligned {
+            return Ok(Buf { repr: Repr::Shared(bytes, PhantomData) });
+        }
+        let mut out: Vec<T> = vec![T::zeroed(); bytes.len() / size];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        dst.copy_from_slice(&bytes);
+        if cfg!(target_endian = "big") {
+            dst.chunks_exact_mut(size).for_each(<[u8]>::reverse);
+        }
+        Ok(Buf { repr: Repr::Owned(out) })
+    }
+
+    /// Wraps owned elements.
+    pub fn from_vec(v: Vec<T>) -> Self {
+        Buf { repr: Repr::Owned(v) }
+    }
+
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        match &self.repr {
+            Repr::Shared(b, _) => bytemuck::cast_slice(b),
+            Repr::Owned(v) => v,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the elements are read in place from received bytes (no copy was made).
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.repr, Repr::Shared(..))
+    }
+}
+
+/// The bytes of a `Vec<T>` as little-endian [`Bytes`], without a copy on little-endian hosts.
+pub fn vec_into_bytes<T: Pod + Send + Sync>(v: Vec<T>) -> Bytes {
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(PodVec(v))
+    } else {
+        let size = std::mem::size_of::<T>();
+        let mut raw: Vec<u8> = bytemuck::cast_slice(&v).to_vec();
+        raw.chunks_exact_mut(size).for_each(<[u8]>::reverse);
+        Bytes::from(raw)
+    }
+}
+
+struct PodVec<T>(Vec<T>);
+
+impl<T: Pod> AsRef<[u8]> for PodVec<T> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_bytes_are_borrowed_and_round_trip() {
+        let bytes = vec_into_bytes(vec![1.5f32, -2.0, 3.25]);
+        let buf = Buf::<f32>::from_le_bytes(bytes).unwrap();
+        assert!(buf.is_borrowed());
+        assert_eq!(buf.as_slice(), &[1.5, -2.0, 3.25]);
+    }
+
+    #[test]
+    fn unaligned_bytes_are_copied_once() {
+        let mut raw = vec![0u8];
+        raw.extend_from_slice(&7.0f64.to_le_bytes());
+        raw.extend_from_slice(&(-1.0f64).to_le_bytes());
+        let bytes = Bytes::from(raw).slice(1..);
+        let buf = Buf::<f64>::from_le_bytes(bytes).unwrap();
+        assert!(!buf.is_borrowed());
+        assert_eq!(buf.as_slice(), &[7.0, -1.0]);
+    }
+
+    #[test]
+    fn ragged_length_is_refused() {
+        let err = Buf::<f32>::from_le_bytes(Bytes::from_static(&[0, 0, 0, 0, 1])).unwrap_err();
+        assert_eq!(err, RaggedBytes { len: 5, elem_size: 4 });
+    }
+}
