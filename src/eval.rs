@@ -5,10 +5,12 @@
 //! into a response. Once an `Evaluation` exists, every shape, option and class id in it has
 //! been checked against the contract, so the kernel never sees an input it must refuse.
 
+use bytemuck::Pod;
 use half::{bf16, f16};
 
 use crate::api::tensor::Shaped;
 use crate::dtype::DType;
+use crate::kernel::{self, Layout};
 pub use crate::kernel::{Options, Reduction};
 
 /// Which loss to evaluate.
@@ -47,42 +49,7 @@ impl Default for Wanted {
     }
 }
 
-/// Float logits (and dense labels) of one dtype.
-#[derive(Clone, Debug)]
-pub enum Floats {
-    /// float16.
-    F16(Shaped<f16>),
-    /// bfloat16.
-    BF16(Shaped<bf16>),
-    /// float32.
-    F32(Shaped<f32>),
-    /// float64.
-    F64(Shaped<f64>),
-}
-
-impl Floats {
-    /// The dtype.
-    pub fn dtype(&self) -> DType {
-        match self {
-            Floats::F16(_) => DType::F16,
-            Floats::BF16(_) => DType::BF16,
-            Floats::F32(_) => DType::F32,
-            Floats::F64(_) => DType::F64,
-        }
-    }
-
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Floats::F16(t) => &t.shape,
-            Floats::BF16(t) => &t.shape,
-            Floats::F32(t) => &t.shape,
-            Floats::F64(t) => &t.shape,
-        }
-    }
-}
-
-/// Class ids of either integer width.
+/// Class ids of either integer width, one per example, in row order.
 #[derive(Clone, Debug)]
 pub enum ClassIds {
     /// int32 ids.
@@ -91,13 +58,57 @@ pub enum ClassIds {
     I64(Shaped<i64>),
 }
 
-/// The labels of a request.
+impl ClassIds {
+    /// The ids as the kernel reads them.
+    pub fn kernel(&self) -> kernel::ClassIds<'_> {
+        match self {
+            ClassIds::I32(t) => kernel::ClassIds::I32(t.data.as_slice()),
+            ClassIds::I64(t) => kernel::ClassIds::I64(t.data.as_slice()),
+        }
+    }
+}
+
+/// Labels whose float dtype, when dense, is the logits' own.
 #[derive(Clone, Debug)]
-pub enum Labels {
-    /// Dense label rows, same shape and dtype as the logits.
-    Dense(Floats),
+pub enum Labels<T: Pod> {
+    /// Dense label rows, same shape as the logits.
+    Dense(Shaped<T>),
     /// Class ids, the logits' shape without the class axis.
     Sparse(ClassIds),
+}
+
+/// Logits and labels of one float dtype.
+#[derive(Clone, Debug)]
+pub struct Inputs<T: Pod> {
+    /// Logits (or probabilities).
+    pub logits: Shaped<T>,
+    /// Labels.
+    pub labels: Labels<T>,
+}
+
+/// The inputs, by dtype: logits and dense labels agree by construction.
+#[derive(Clone, Debug)]
+pub enum Tensors {
+    /// float16.
+    F16(Inputs<f16>),
+    /// bfloat16.
+    BF16(Inputs<bf16>),
+    /// float32.
+    F32(Inputs<f32>),
+    /// float64.
+    F64(Inputs<f64>),
+}
+
+impl Tensors {
+    /// The float dtype of logits and outputs.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Tensors::F16(_) => DType::F16,
+            Tensors::BF16(_) => DType::BF16,
+            Tensors::F32(_) => DType::F32,
+            Tensors::F64(_) => DType::F64,
+        }
+    }
 }
 
 /// A validated request: everything the kernel needs, all of it checked.
@@ -105,19 +116,21 @@ pub enum Labels {
 pub struct Evaluation {
     /// Caller's id, echoed back.
     pub request_id: String,
-    /// Which loss (implied by `labels`, kept for logs and metrics).
+    /// Which loss.
     pub kind: LossKind,
-    /// Logits or probabilities.
-    pub logits: Floats,
-    /// Labels.
-    pub labels: Labels,
-    /// Scalar options, with the axis normalised to `0..rank`.
+    /// Logits and labels.
+    pub tensors: Tensors,
+    /// The logits' shape.
+    pub shape: Vec<usize>,
+    /// The logits seen as `(outer, classes, inner)`.
+    pub layout: Layout,
+    /// Scalar options (`axis` normalised to `0..rank`).
     pub options: Options,
     /// Class weights, length `C`.
     pub class_weights: Option<Vec<f64>>,
-    /// Sample weights as given (shape broadcastable to the loss shape) and their shape.
-    pub sample_weights: Option<(Vec<usize>, Vec<f64>)>,
-    /// Upstream gradient, shape of the returned loss.
+    /// Sample weights broadcast to one per example, in row order.
+    pub sample_weights: Option<Vec<f64>>,
+    /// Upstream gradient: one per example for reduction `none`, else one value.
     pub upstream: Option<Vec<f64>>,
     /// Outputs wanted.
     pub wanted: Wanted,
@@ -126,15 +139,10 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
-    /// The class axis, normalised to `0..rank`.
-    pub fn axis(&self) -> usize {
-        self.options.axis as usize
-    }
-
     /// Shape of the per-example loss: the logits' shape without the class axis.
     pub fn loss_shape(&self) -> Vec<usize> {
-        let mut s = self.logits.shape().to_vec();
-        s.remove(self.axis());
+        let mut s = self.shape.clone();
+        s.remove(self.options.axis as usize);
         s
     }
 
@@ -148,11 +156,11 @@ impl Evaluation {
 
     /// Number of logits elements.
     pub fn elements(&self) -> usize {
-        self.logits.shape().iter().product()
+        self.layout.elements()
     }
 }
 
-/// Computed outputs of one dtype.
+/// Computed outputs of one dtype, as flat row-major buffers ready to be sent.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outputs<T> {
     /// The returned loss, shaped by [`Evaluation::returned_loss_shape`].

@@ -1,4 +1,10 @@
 //! The only module that converts protobuf messages: decoding and validating requests into
-//! [`crate::eval::Evaluation`], and encoding outputs into responses.
+//! [`crate::eval::Evaluation`], and encoding outputs into responses. The transport above it
+//! knows nothing of the math; the kernel below it knows nothing of protobuf.
 
+pub mod decode;
+pub mod encode;
 pub mod tensor;
+
+pub use decode::decode;
+pub use encode::response;

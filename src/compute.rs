@@ -1,0 +1,134 @@
+//! Runs kernel work on a dedicated rayon pool, never on tokio's worker threads.
+//!
+//! [`ComputePool::evaluate`] moves a validated request onto the pool with `spawn`, re-enters
+//! the caller's tracing span there, and answers through a oneshot channel, so the async
+//! runtime only ever awaits. A panic inside the kernel becomes [`Error::Internal`] for that
+//! call; the pool and every other call carry on.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::dtype::Element;
+use crate::error::Error;
+use crate::eval::{Evaluated, Evaluation, Inputs, Labels, Outputs, Tensors};
+use crate::kernel::{self, Grads, Loss, Problem, Upstream};
+
+/// A named rayon pool for kernel work.
+#[derive(Clone, Debug)]
+pub struct ComputePool {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl ComputePool {
+    /// A pool of `threads` threads named `xent-compute-N`.
+    pub fn new(threads: usize) -> Result<ComputePool, Error> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("xent-compute-{i}"))
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the compute pool: {e}")))?;
+        Ok(ComputePool { pool: Arc::new(pool) })
+    }
+
+    /// Number of threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `f` on the pool and awaits its result.
+    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> Result<R, Error> + Send + 'static) -> Result<R, Error> {
+        let (tx, rx) = oneshot::channel();
+        let span = tracing::Span::current();
+        self.pool.spawn(move || {
+            let _entered = span.enter();
+            let result = catch_unwind(AssertUnwindSafe(f))
+                .unwrap_or_else(|panic| Err(Error::Internal(format!("kernel panicked: {}", panic_message(&panic)))));
+            // The receiver is gone when the caller went away; nothing to do then.
+            let _ = tx.send(result);
+        });
+        rx.await.map_err(|_| Error::Internal("compute pool dropped the call".into()))?
+    }
+
+    /// Evaluates a request on the pool.
+    pub async fn evaluate(&self, ev: Arc<Evaluation>) -> Result<Evaluated, Error> {
+        self.run(move || evaluate(&ev)).await
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Evaluates a request on the current thread (and the current rayon pool for its rows).
+pub fn evaluate(ev: &Evaluation) -> Result<Evaluated, Error> {
+    Ok(match &ev.tensors {
+        Tensors::F16(t) => Evaluated::F16(typed(ev, t)?),
+        Tensors::BF16(t) => Evaluated::BF16(typed(ev, t)?),
+        Tensors::F32(t) => Evaluated::F32(typed(ev, t)?),
+        Tensors::F64(t) => Evaluated::F64(typed(ev, t)?),
+    })
+}
+
+fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error> {
+    let layout = ev.layout;
+    let n = layout.elements();
+    let labels = match &t.labels {
+        Labels::Dense(y) => kernel::Labels::Dense(kernel::view3(y.data.as_slice(), layout)?),
+        Labels::Sparse(ids) => kernel::Labels::Sparse(ids.kernel()),
+    };
+    let upstream = match (&ev.upstream, ev.options.reduction) {
+        (None, _) => Upstream::Ones,
+        (Some(g), kernel::Reduction::None) => Upstream::PerExample(g),
+        (Some(g), _) => Upstream::Scalar(g[0]),
+    };
+    let problem = Problem {
+        logits: kernel::view3(t.logits.data.as_slice(), layout)?,
+        labels,
+        options: ev.options,
+        class_weights: ev.class_weights.as_deref(),
+        sample_weights: ev.sample_weights.as_deref(),
+        upstream,
+    };
+    let mut grad_logits = ev.wanted.grad_logits.then(|| vec![T::zeroed(); n]);
+    let mut grad_labels = ev.wanted.grad_labels.then(|| vec![T::zeroed(); n]);
+    let grads = Grads {
+        logits: grad_logits.as_deref_mut().map(|g| kernel::view3_mut(g, layout)).transpose()?,
+        labels: grad_labels.as_deref_mut().map(|g| kernel::view3_mut(g, layout)).transpose()?,
+    };
+    let loss = kernel::evaluate(&problem, grads)?;
+    let loss = ev.wanted.loss.then(|| match loss {
+        Loss::PerExample(l) => l.into_iter().map(T::from_f64).collect(),
+        Loss::Reduced(v) => vec![T::from_f64(v)],
+    });
+    Ok(Outputs { loss, grad_logits, grad_labels })
+}
+
+/// The spec's worked example (semantics §9) as a request, used to warm the pool up.
+pub fn warm_up_request() -> Result<Evaluation, Error> {
+    use crate::api::tensor::encode;
+    crate::api::decode(crate::proto::EvaluateRequest {
+        request_id: "warm-up".into(),
+        loss: crate::proto::LossKind::SoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[2, 3], vec![1.0f32, 2.0, 0.5, 0.2, 0.8, 1.5], true)),
+        labels: Some(encode(&[2, 3], vec![0.0f32, 1.0, 0.0, 0.0, 0.0, 1.0], true)),
+        ..Default::default()
+    })
+}
+
+/// Checks the warm-up's answer against the spec's published losses.
+pub fn check_warm_up(out: &Evaluated) -> Result<(), Error> {
+    const EXPECTED: [f32; 2] = [0.464_368_78, 0.570_480_6];
+    match out {
+        Evaluated::F32(Outputs { loss: Some(l), .. })
+            if l.len() == 2 && l.iter().zip(EXPECTED).all(|(a, b)| (a - b).abs() < 1e-6) =>
+        {
+            Ok(())
+        }
+        other => Err(Error::Internal(format!("warm-up gave {other:?}"))),
+    }
+}

@@ -1,0 +1,124 @@
+//! The one error type of the service and its one mapping to gRPC status.
+//!
+//! Every layer returns [`Error`]; only [`Error::into_status`] decides codes and details, with
+//! no wildcard arm, so a new variant cannot reach a caller with a code nobody chose.
+//! [`Error::kind`] gives a stable label from a closed set for logs and metrics.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::kernel::KernelError;
+
+/// Why a call failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed: `field` is at fault for `reason`.
+    #[error("{field} {reason}")]
+    InvalidArgument {
+        /// The request field at fault, e.g. `labels` or `sample_weights`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request exceeds a hard limit of this server and will never succeed here.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server cannot take the call now; retry after the delay (possibly elsewhere).
+    #[error("{reason}")]
+    Unavailable {
+        /// Which limit was hit.
+        reason: String,
+        /// A suggested retry delay.
+        retry_after: Duration,
+    },
+    /// The call's deadline passed before it could be answered.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The caller went away.
+    #[error("cancelled by the caller")]
+    Cancelled,
+    /// A bug: an invariant did not hold. The server keeps serving.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+
+    /// A stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::ResourceExhausted(_) => "resource_exhausted",
+            Error::Unavailable { .. } => "unavailable",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::Cancelled => "cancelled",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The field at fault, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::InvalidArgument { field, .. } => Some(field),
+            Error::ResourceExhausted(_)
+            | Error::Unavailable { .. }
+            | Error::DeadlineExceeded(_)
+            | Error::Cancelled
+            | Error::Internal(_) => None,
+        }
+    }
+
+    /// The gRPC code.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable { .. } => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Cancelled => Code::Cancelled,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The gRPC status, with `google.rpc.BadRequest` or `RetryInfo` details where they apply.
+    pub fn into_status(self) -> Status {
+        let message = self.to_string();
+        let code = self.code();
+        match self {
+            Error::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
+            Error::Unavailable { retry_after, .. } => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
+            Error::ResourceExhausted(_) | Error::DeadlineExceeded(_) | Error::Cancelled | Error::Internal(_) => {
+                Status::new(code, message)
+            }
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        e.into_status()
+    }
+}
+
+impl From<KernelError> for Error {
+    fn from(e: KernelError) -> Error {
+        match e {
+            KernelError::ClassIdOutOfRange { .. } => Error::invalid("labels", e.to_string()),
+            KernelError::Inconsistent(_) => Error::Internal(e.to_string()),
+        }
+    }
+}
