@@ -1,0 +1,7 @@
+//! The integration tests: one binary, each module against a real xentd on a real socket.
+
+mod common;
+// Every reference case of tests/reference (made by TensorFlow, Keras and PyTorch) over gRPC.
+mod conformance;
+// Options, dtypes, both RPCs, errors, health, reflection and shutdown of a running server.
+mod server;
