@@ -2,7 +2,7 @@
 //! (`xentd --help`); logs go to stderr; stdout gets one line, `listening on ADDR`, once the
 //! socket is bound, so scripts and tests can find a server started on port 0.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -19,7 +19,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let settings = match config.validate() {
         Ok(s) => s,
         Err(e) => {
