@@ -123,7 +123,7 @@ mod tests {
         let bad = |args: &[&str]| Config::parse_from([&["xentd"], args].concat()).validate().unwrap_err();
         assert!(bad(&["--max-message-bytes", "10"]).contains("--max-message-bytes"));
         assert!(bad(&["--stream-concurrency", "0"]).contains("--stream-concurrency"));
-        assert!(bad(&["--shutdown-grace-secs", "-1"]).contains("--shutdown-grace-secs"));
+        assert!(bad(&["--shutdown-grace-secs=-1"]).contains("--shutdown-grace-secs"));
         let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"]).validate().unwrap();
         assert!(ok.max_message_bytes >= 256 * MIB);
     }

@@ -172,6 +172,8 @@ pub(super) fn probabilities_row<T: Element, L: LabelRow>(
     mut grads: RowGrads<'_, T>,
 ) -> f64 {
     let total: f64 = p.iter().map(|v| v.to_f64()).sum();
+    // NaN is not "clipped": it must propagate into the gradient, which `contains` would hide.
+    #[allow(clippy::manual_range_contains)]
     let clip = |r: f64| {
         let q = r.clamp(PROB_EPS, 1.0 - PROB_EPS);
         (q, r < PROB_EPS || r > 1.0 - PROB_EPS)

@@ -139,7 +139,7 @@ fn compare(name: &str, what: &str, dtype: &str, got: &AnyTensor, expected: &str,
             continue;
         }
         let d = (g - w).abs();
-        if !(d <= abs + rel * w.abs()) {
+        if d.is_nan() || d > abs + rel * w.abs() {
             return Err(format!("{name}: {what}[{k}] = {g:e}, expected {w:e} (tolerance rel {rel:e} abs {abs:e})"));
         }
         errs.abs = errs.abs.max(d);

@@ -1,5 +1,7 @@
 //! The integration tests: one binary, each module against a real xentd on a real socket.
 
+// The xent CLI and the Rust client library.
+mod cli;
 mod common;
 // Every reference case of tests/reference (made by TensorFlow, Keras and PyTorch) over gRPC.
 mod conformance;

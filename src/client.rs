@@ -1,0 +1,834 @@
+//! A Rust client for `xentd`: ndarray arrays in, ndarray arrays out.
+//!
+//! The generated [`XentClient`] speaks protobuf: every tensor is a `proto::Tensor` with a dtype
+//! enum, an `i64` shape and little-endian bytes. This module is the layer a Rust program
+//! actually wants on top of it:
+//!
+//! - [`Client::connect`] opens a channel tuned for tensors: message limits far above tonic's
+//!   4 MiB default in both directions, HTTP/2 flow-control windows sized for multi-MiB
+//!   messages, and an optional per-call deadline sent as `grpc-timeout`.
+//! - [`EvalRequest`] builds a request from ndarray views of any layout and any of the float
+//!   element types xent computes in ([`half::f16`], [`half::bf16`], `f32`, `f64`), encoded as
+//!   raw bytes (the server reads them in place).
+//! - [`Client::evaluate`] returns an [`EvalResult`] of `ArrayD<T>` in the logits' own element
+//!   type, after checking every returned tensor's dtype and shape against the request: a
+//!   malformed response is a [`ClientError::Response`], never a panic.
+//!
+//! Callers who build protobuf messages themselves use [`Client::evaluate_raw`] and
+//! [`Client::evaluate_stream`]; [`EvalRequest::to_proto`] and [`EvalRequest::decode_response`]
+//! bridge the two worlds, e.g. to pipeline ndarray batches over one stream.
+//!
+//! ```no_run
+//! use ndarray::array;
+//! use xent::client::{Client, EvalRequest};
+//! use xent::eval::{Options, Reduction};
+//!
+//! # async fn run() -> Result<(), xent::client::ClientError> {
+//! let mut client = Client::connect("127.0.0.1:50051").await?;
+//! let logits = array![[1.0f32, 2.0, 0.5], [0.2, 0.8, 1.5]].into_dyn();
+//! let labels = array![1i64, 2].into_dyn();
+//! let options = Options { reduction: Reduction::Mean, ..Options::default() };
+//! let out = client
+//!     .evaluate(EvalRequest::sparse(logits.view(), labels.view()).options(options))
+//!     .await?;
+//! println!("loss {:?}, grad {:?}", out.loss, out.grad_logits);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use futures::Stream;
+use ndarray::{ArrayD, ArrayView, Dimension, IxDyn};
+use tonic::codec::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::api::tensor::{WireElement, decode, encode};
+use crate::dtype::Element;
+use crate::eval::{LossKind, Options, Reduction, Wanted};
+use crate::proto;
+use crate::proto::xent_client::XentClient;
+
+/// One mebibyte.
+const MIB: usize = 1 << 20;
+
+/// How a [`Client`] connects and how large its messages may be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Largest message sent or accepted, in bytes. Default 256 MiB (tonic's own default is
+    /// 4 MiB, which a single batch of logits easily exceeds).
+    pub max_message_bytes: usize,
+    /// Deadline of each unary call (sent to the server as `grpc-timeout` and enforced locally).
+    /// Streams are long-lived and get none. Default: no deadline.
+    pub timeout: Option<Duration>,
+    /// Limit on establishing the connection. Default 10 s.
+    pub connect_timeout: Option<Duration>,
+    /// Let HTTP/2 grow its flow-control windows from measured bandwidth-delay product instead
+    /// of using the fixed windows below. Default `false`.
+    pub adaptive_window: bool,
+    /// Initial HTTP/2 stream window, in bytes (when `adaptive_window` is off). Default 16 MiB,
+    /// so a multi-MiB request or response is not throttled to 64 KiB round trips.
+    pub stream_window_bytes: u32,
+    /// Initial HTTP/2 connection window, in bytes (when `adaptive_window` is off). Default
+    /// 64 MiB, room for several concurrent streams of `stream_window_bytes`.
+    pub connection_window_bytes: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            max_message_bytes: 256 * MIB,
+            timeout: None,
+            connect_timeout: Some(Duration::from_secs(10)),
+            adaptive_window: false,
+            stream_window_bytes: 16 * MIB as u32,
+            connection_window_bytes: 64 * MIB as u32,
+        }
+    }
+}
+
+/// What went wrong with a call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint is not a valid URI or the connection could not be established.
+    #[error("cannot connect to {endpoint}: {}", error_chain(.source))]
+    Connect {
+        /// The endpoint as given to [`Client::connect`] (with `http://` added when missing).
+        endpoint: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server (or the transport) answered with a gRPC error status.
+    #[error("{}", status_line(.0))]
+    Status(#[from] Status),
+    /// The server's answer does not match the request (wrong dtype, shape, missing output).
+    #[error("malformed response: {0}")]
+    Response(String),
+}
+
+impl ClientError {
+    /// The gRPC status code, for [`ClientError::Status`].
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// The canonical upper-case name of a gRPC status code, e.g. `INVALID_ARGUMENT`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// `CODE: message`, the message falling back to the code's description when empty.
+fn status_line(s: &Status) -> String {
+    let message = if s.message().is_empty() {
+        s.code().description()
+    } else {
+        s.message()
+    };
+    format!("{}: {}", code_name(s.code()), message)
+}
+
+/// An error and its sources joined by `": "` (tonic's transport errors say little on their own).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Adds `http://` to a bare `host:port`.
+fn endpoint_uri(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// A connection to `xentd`: the Xent service and the standard gRPC health service.
+///
+/// Cloning is cheap and shares the underlying HTTP/2 connection; clone it to issue calls
+/// concurrently from several tasks.
+#[derive(Clone, Debug)]
+pub struct Client {
+    xent: XentClient<Channel>,
+    health: HealthClient<Channel>,
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    /// Connects with the default [`ClientConfig`]. `endpoint` is `host:port` (plain-text HTTP/2
+    /// is assumed) or a URI such as `http://127.0.0.1:50051`.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, ClientConfig::default()).await
+    }
+
+    /// Connects with an explicit configuration.
+    pub async fn connect_with(
+        endpoint: impl Into<String>,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let uri = endpoint_uri(&endpoint.into());
+        let connect_error = |source| ClientError::Connect {
+            endpoint: uri.clone(),
+            source,
+        };
+        let mut ep = Endpoint::from_shared(uri.clone())
+            .map_err(connect_error)?
+            .tcp_nodelay(true);
+        if let Some(t) = config.connect_timeout {
+            ep = ep.connect_timeout(t);
+        }
+        ep = if config.adaptive_window {
+            ep.http2_adaptive_window(true)
+        } else {
+            ep.initial_stream_window_size(config.stream_window_bytes)
+                .initial_connection_window_size(config.connection_window_bytes)
+        };
+        let channel = ep.connect().await.map_err(connect_error)?;
+        Ok(Self::from_channel(channel, &config))
+    }
+
+    /// Wraps an existing channel (the config's connection settings are not used, its message
+    /// limits and timeout are).
+    pub fn from_channel(channel: Channel, config: &ClientConfig) -> Self {
+        let xent = XentClient::new(channel.clone())
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        let health = HealthClient::new(channel)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        Client {
+            xent,
+            health,
+            timeout: config.timeout,
+        }
+    }
+
+    /// A request carrying the per-call deadline, if one is configured.
+    fn request<M>(&self, message: M) -> tonic::Request<M> {
+        let mut r = tonic::Request::new(message);
+        if let Some(t) = self.timeout {
+            r.set_timeout(t);
+        }
+        r
+    }
+
+    /// tonic reports a local deadline as `CANCELLED: Timeout expired`; gRPC calls it
+    /// `DEADLINE_EXCEEDED`, which is what callers match on.
+    fn deadline(&self, status: Status) -> Status {
+        match self.timeout {
+            Some(t)
+                if status.code() == Code::Cancelled
+                    && status.message() == tonic::TimeoutExpired(()).to_string() =>
+            {
+                Status::deadline_exceeded(format!("no answer within the timeout of {t:?}"))
+            }
+            _ => status,
+        }
+    }
+
+    /// Evaluates one request and decodes the outputs into arrays of the logits' element type.
+    pub async fn evaluate<T: FloatElement>(
+        &mut self,
+        request: EvalRequest<T>,
+    ) -> Result<EvalResult<T>, ClientError> {
+        let response = self.evaluate_raw(request.to_proto()).await?;
+        request.decode_response(response)
+    }
+
+    /// Sends a protobuf request as is and returns the protobuf response.
+    pub async fn evaluate_raw(
+        &mut self,
+        request: proto::EvaluateRequest,
+    ) -> Result<proto::EvaluateResponse, Status> {
+        let request = self.request(request);
+        match self.xent.evaluate(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.deadline(status)),
+        }
+    }
+
+    /// Opens an `EvaluateStream`: requests are evaluated concurrently and answered in the order
+    /// sent, each answer carrying its request's id; an invalid request is answered in-stream
+    /// and the stream goes on. No deadline is set on streams.
+    pub async fn evaluate_stream<S>(
+        &mut self,
+        requests: S,
+    ) -> Result<Streaming<proto::EvaluateStreamResponse>, Status>
+    where
+        S: Stream<Item = proto::EvaluateRequest> + Send + 'static,
+    {
+        Ok(self.xent.evaluate_stream(requests).await?.into_inner())
+    }
+
+    /// Asks the gRPC health service about `service` (`""` for the server as a whole).
+    pub async fn health(&mut self, service: &str) -> Result<ServingStatus, ClientError> {
+        let request = self.request(HealthCheckRequest {
+            service: service.to_string(),
+        });
+        let status = match self.health.check(request).await {
+            Ok(response) => response.into_inner().status,
+            Err(status) => return Err(self.deadline(status).into()),
+        };
+        ServingStatus::try_from(status)
+            .map_err(|_| ClientError::Response(format!("unknown serving status {status}")))
+    }
+}
+
+/// A float element type logits, dense labels and outputs can have: [`half::f16`],
+/// [`half::bf16`], `f32` or `f64`.
+pub trait FloatElement: WireElement + Element {}
+
+impl<T: WireElement + Element> FloatElement for T {}
+
+/// An integer element type class ids can have: `i32` or `i64`.
+pub trait ClassId: WireElement + private::Sealed {}
+
+impl ClassId for i32 {}
+impl ClassId for i64 {}
+
+mod private {
+    /// Keeps [`super::ClassId`] to the integer types the API accepts.
+    pub trait Sealed {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+}
+
+/// A tensor for the wire: row-major elements of any view, as raw little-endian bytes.
+fn tensor<T: WireElement, D: Dimension>(a: ArrayView<'_, T, D>) -> proto::Tensor {
+    let data = match a.as_slice() {
+        Some(s) => s.to_vec(),
+        None => a.iter().copied().collect(),
+    };
+    encode(a.shape(), data, true)
+}
+
+/// One evaluation, built from ndarray views; `T` is the logits' element type (and the dense
+/// labels' and the outputs').
+///
+/// The tensors are encoded when the request is built, so the views need not outlive it.
+#[derive(Clone, Debug)]
+pub struct EvalRequest<T> {
+    kind: LossKind,
+    logits: proto::Tensor,
+    labels: proto::Tensor,
+    logits_shape: Vec<usize>,
+    labels_shape: Vec<usize>,
+    options: Options,
+    wanted: Wanted,
+    request_id: String,
+    class_weights: Option<proto::Tensor>,
+    sample_weights: Option<proto::Tensor>,
+    upstream: Option<proto::Tensor>,
+    _elem: PhantomData<fn() -> T>,
+}
+
+impl<T: FloatElement> EvalRequest<T> {
+    fn new(kind: LossKind, logits: proto::Tensor, labels: proto::Tensor) -> Self {
+        let shape = |t: &proto::Tensor| t.shape.iter().map(|&d| d as usize).collect();
+        EvalRequest {
+            kind,
+            logits_shape: shape(&logits),
+            labels_shape: shape(&labels),
+            logits,
+            labels,
+            options: Options::default(),
+            wanted: Wanted::default(),
+            request_id: String::new(),
+            class_weights: None,
+            sample_weights: None,
+            upstream: None,
+            _elem: PhantomData,
+        }
+    }
+
+    /// `softmax_cross_entropy`: labels are rows of the logits' shape and element type.
+    pub fn dense<D1: Dimension, D2: Dimension>(
+        logits: ArrayView<'_, T, D1>,
+        labels: ArrayView<'_, T, D2>,
+    ) -> Self {
+        Self::new(LossKind::Dense, tensor(logits), tensor(labels))
+    }
+
+    /// `sparse_softmax_cross_entropy`: labels are class ids (`i32` or `i64`), shaped as the
+    /// logits without the class axis.
+    pub fn sparse<I: ClassId, D1: Dimension, D2: Dimension>(
+        logits: ArrayView<'_, T, D1>,
+        class_ids: ArrayView<'_, I, D2>,
+    ) -> Self {
+        Self::new(LossKind::Sparse, tensor(logits), tensor(class_ids))
+    }
+
+    /// Sets every scalar option (axis, label smoothing, ignore index, from_logits, z-loss,
+    /// reduction) at once.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets the reduction, keeping the other options.
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.options.reduction = reduction;
+        self
+    }
+
+    /// Sets the class axis (negative counts from the end), keeping the other options.
+    pub fn axis(mut self, axis: i64) -> Self {
+        self.options.axis = axis;
+        self
+    }
+
+    /// Per-class weights, shape `[C]`, any float element type.
+    pub fn class_weights<W: FloatElement, D: Dimension>(mut self, w: ArrayView<'_, W, D>) -> Self {
+        self.class_weights = Some(tensor(w));
+        self
+    }
+
+    /// Per-example weights broadcastable (numpy rules) to the loss shape, any float element
+    /// type; a scalar is a 0-dimensional array.
+    pub fn sample_weights<W: FloatElement, D: Dimension>(mut self, w: ArrayView<'_, W, D>) -> Self {
+        self.sample_weights = Some(tensor(w));
+        self
+    }
+
+    /// Upstream gradient multiplied into the returned gradients, shaped as the returned loss
+    /// (0-dimensional for a reduced loss), any float element type.
+    pub fn upstream<W: FloatElement, D: Dimension>(mut self, g: ArrayView<'_, W, D>) -> Self {
+        self.upstream = Some(tensor(g));
+        self
+    }
+
+    /// Which outputs to return. Default: loss and gradient w.r.t. the logits.
+    pub fn wanted(mut self, wanted: Wanted) -> Self {
+        self.wanted = wanted;
+        self
+    }
+
+    /// The caller's id, echoed in the response (at most 128 bytes).
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = id.into();
+        self
+    }
+
+    /// The loss kind.
+    pub fn kind(&self) -> LossKind {
+        self.kind
+    }
+
+    /// The logits' shape.
+    pub fn logits_shape(&self) -> &[usize] {
+        &self.logits_shape
+    }
+
+    /// The protobuf message. Cheap: tensor bytes are reference-counted, not copied.
+    pub fn to_proto(&self) -> proto::EvaluateRequest {
+        let o = &self.options;
+        let mut outputs = Vec::new();
+        if self.wanted.loss {
+            outputs.push(proto::Output::Loss as i32);
+        }
+        if self.wanted.grad_logits {
+            outputs.push(proto::Output::GradLogits as i32);
+        }
+        if self.wanted.grad_labels {
+            outputs.push(proto::Output::GradLabels as i32);
+        }
+        proto::EvaluateRequest {
+            request_id: self.request_id.clone(),
+            loss: match self.kind {
+                LossKind::Dense => proto::LossKind::SoftmaxCrossEntropy,
+                LossKind::Sparse => proto::LossKind::SparseSoftmaxCrossEntropy,
+            } as i32,
+            logits: Some(self.logits.clone()),
+            labels: Some(self.labels.clone()),
+            axis: Some(o.axis),
+            label_smoothing: o.label_smoothing,
+            class_weights: self.class_weights.clone(),
+            sample_weights: self.sample_weights.clone(),
+            ignore_index: o.ignore_index,
+            from_logits: Some(o.from_logits),
+            z_loss: o.z_loss,
+            reduction: reduction_to_proto(o.reduction) as i32,
+            upstream: self.upstream.clone(),
+            outputs,
+            response_encoding: proto::Encoding::Raw as i32,
+        }
+    }
+
+    /// The shape the returned loss must have, when the axis is valid for the logits.
+    fn loss_shape(&self) -> Option<Vec<usize>> {
+        if self.options.reduction != Reduction::None {
+            return Some(Vec::new());
+        }
+        let rank = self.logits_shape.len() as i64;
+        let axis = self.options.axis;
+        if !(-rank..rank).contains(&axis) {
+            return None;
+        }
+        let mut shape = self.logits_shape.clone();
+        shape.remove(axis.rem_euclid(rank) as usize);
+        Some(shape)
+    }
+
+    /// Decodes a response to this request, checking each tensor's dtype and shape and that
+    /// every output asked for is present.
+    pub fn decode_response(
+        &self,
+        response: proto::EvaluateResponse,
+    ) -> Result<EvalResult<T>, ClientError> {
+        // An empty output list means the server's default: loss and grad_logits.
+        let nothing = !self.wanted.loss && !self.wanted.grad_logits && !self.wanted.grad_labels;
+        let wanted = if nothing {
+            Wanted::default()
+        } else {
+            self.wanted
+        };
+        let loss_shape = self.loss_shape();
+        Ok(EvalResult {
+            loss: output("loss", response.loss, wanted.loss, loss_shape.as_deref())?,
+            grad_logits: output(
+                "grad_logits",
+                response.grad_logits,
+                wanted.grad_logits,
+                Some(&self.logits_shape),
+            )?,
+            grad_labels: output(
+                "grad_labels",
+                response.grad_labels,
+                wanted.grad_labels,
+                Some(&self.labels_shape),
+            )?,
+            request_id: response.request_id,
+        })
+    }
+}
+
+/// Ours to the API's.
+fn reduction_to_proto(r: Reduction) -> proto::Reduction {
+    match r {
+        Reduction::None => proto::Reduction::None,
+        Reduction::Sum => proto::Reduction::Sum,
+        Reduction::Mean => proto::Reduction::Mean,
+        Reduction::SumOverBatchSize => proto::Reduction::SumOverBatchSize,
+        Reduction::SumByNonzeroWeights => proto::Reduction::SumByNonzeroWeights,
+    }
+}
+
+/// Decodes one output tensor of the response into an array of `T`.
+fn output<T: FloatElement>(
+    name: &str,
+    tensor: Option<proto::Tensor>,
+    wanted: bool,
+    shape: Option<&[usize]>,
+) -> Result<Option<ArrayD<T>>, ClientError> {
+    let Some(tensor) = tensor else {
+        return if wanted {
+            Err(ClientError::Response(format!(
+                "{name} was asked for but is missing"
+            )))
+        } else {
+            Ok(None)
+        };
+    };
+    let any = decode(Some(tensor)).map_err(|e| ClientError::Response(format!("{name} {e}")))?;
+    let got = any.dtype();
+    let want = <T as WireElement>::DTYPE;
+    let shaped = T::take(any)
+        .ok_or_else(|| ClientError::Response(format!("{name} has dtype {got}, expected {want}")))?;
+    if let Some(expected) = shape {
+        if shaped.shape != expected {
+            return Err(ClientError::Response(format!(
+                "{name} has shape {:?}, expected {expected:?}",
+                shaped.shape
+            )));
+        }
+    }
+    let array = ArrayD::from_shape_vec(IxDyn(&shaped.shape), shaped.data.as_slice().to_vec())
+        .map_err(|e| ClientError::Response(format!("{name}: {e}")))?;
+    Ok(Some(array))
+}
+
+/// The outputs of one evaluation, in the logits' element type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalResult<T> {
+    /// The request's id, echoed.
+    pub request_id: String,
+    /// The loss: per-example (the logits' shape without the class axis) for reduction `none`,
+    /// 0-dimensional otherwise.
+    pub loss: Option<ArrayD<T>>,
+    /// Gradient w.r.t. the logits, shaped as the logits.
+    pub grad_logits: Option<ArrayD<T>>,
+    /// Gradient w.r.t. dense labels, shaped as the labels.
+    pub grad_labels: Option<ArrayD<T>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+    use ndarray::{Array2, array};
+
+    use super::*;
+    use crate::api::tensor::AnyTensor;
+
+    fn floats(t: &proto::Tensor) -> Vec<f64> {
+        decode(Some(t.clone())).unwrap().floats_to_f64().unwrap()
+    }
+
+    #[test]
+    fn dense_request_carries_tensors_and_options() {
+        let logits = array![[1.0f32, 2.0, 0.5], [0.2, 0.8, 1.5]];
+        let labels = array![[0.0f32, 1.0, 0.0], [0.0, 0.0, 1.0]];
+        let options = Options {
+            axis: 1,
+            label_smoothing: 0.1,
+            ignore_index: None,
+            from_logits: false,
+            z_loss: 1e-4,
+            reduction: Reduction::SumByNonzeroWeights,
+        };
+        let req = EvalRequest::dense(logits.view(), labels.view())
+            .options(options)
+            .class_weights(array![1.0f64, 2.0, 3.0].view())
+            .sample_weights(ndarray::arr0(0.5f64).view())
+            .upstream(ndarray::arr0(2.0f32).view())
+            .wanted(Wanted {
+                loss: true,
+                grad_logits: false,
+                grad_labels: true,
+            })
+            .request_id("r1");
+        let p = req.to_proto();
+        assert_eq!(p.request_id, "r1");
+        assert_eq!(p.loss, proto::LossKind::SoftmaxCrossEntropy as i32);
+        let l = p.logits.as_ref().unwrap();
+        assert_eq!(l.dtype, proto::DType::DtypeFloat32 as i32);
+        assert_eq!(l.shape, vec![2, 3]);
+        assert_eq!(l.raw_data.len(), 24, "raw bytes by default");
+        let sent: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+        assert_eq!(floats(l), sent);
+        assert_eq!(floats(p.labels.as_ref().unwrap())[1], 1.0);
+        assert_eq!(p.axis, Some(1));
+        assert_eq!(p.label_smoothing, 0.1);
+        assert_eq!(p.ignore_index, None);
+        assert_eq!(p.from_logits, Some(false));
+        assert_eq!(p.z_loss, 1e-4);
+        assert_eq!(p.reduction, proto::Reduction::SumByNonzeroWeights as i32);
+        assert_eq!(
+            floats(p.class_weights.as_ref().unwrap()),
+            vec![1.0, 2.0, 3.0]
+        );
+        let sw = p.sample_weights.as_ref().unwrap();
+        assert!(sw.shape.is_empty());
+        assert_eq!(sw.dtype, proto::DType::DtypeFloat64 as i32);
+        assert_eq!(
+            p.upstream.as_ref().unwrap().dtype,
+            proto::DType::DtypeFloat32 as i32
+        );
+        assert_eq!(
+            p.outputs,
+            vec![proto::Output::Loss as i32, proto::Output::GradLabels as i32]
+        );
+        assert_eq!(p.response_encoding, proto::Encoding::Raw as i32);
+    }
+
+    #[test]
+    fn sparse_request_and_non_standard_layouts() {
+        // A transposed view is sent in logical row-major order.
+        let stored = array![[1.0f64, 0.2], [2.0, 0.8], [0.5, 1.5]];
+        let ids = array![1i32, 2];
+        let req = EvalRequest::sparse(stored.t(), ids.view()).reduction(Reduction::Mean);
+        let p = req.to_proto();
+        assert_eq!(p.loss, proto::LossKind::SparseSoftmaxCrossEntropy as i32);
+        assert_eq!(p.logits.as_ref().unwrap().shape, vec![2, 3]);
+        assert_eq!(
+            floats(p.logits.as_ref().unwrap()),
+            vec![1.0, 2.0, 0.5, 0.2, 0.8, 1.5]
+        );
+        let AnyTensor::I32(labels) = decode(p.labels).unwrap() else {
+            panic!("int32 labels")
+        };
+        assert_eq!(labels.data.as_slice(), &[1, 2]);
+        assert_eq!(p.axis, Some(-1));
+        assert_eq!(p.from_logits, Some(true));
+        assert_eq!(p.reduction, proto::Reduction::Mean as i32);
+        assert_eq!(
+            p.outputs,
+            vec![proto::Output::Loss as i32, proto::Output::GradLogits as i32]
+        );
+        let req64 = EvalRequest::sparse(stored.t(), array![0i64, 1].view());
+        assert_eq!(
+            req64.to_proto().labels.unwrap().dtype,
+            proto::DType::DtypeInt64 as i32
+        );
+    }
+
+    fn dense_request() -> EvalRequest<f32> {
+        let x = Array2::<f32>::zeros((2, 3));
+        EvalRequest::dense(x.view(), x.view())
+    }
+
+    #[test]
+    fn responses_decode_to_arrays() {
+        let req = dense_request();
+        let response = proto::EvaluateResponse {
+            request_id: "id".into(),
+            loss: Some(encode(&[2], vec![0.5f32, 0.25], true)),
+            grad_logits: Some(encode(
+                &[2, 3],
+                vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0],
+                false,
+            )),
+            grad_labels: None,
+        };
+        let out = req.decode_response(response).unwrap();
+        assert_eq!(out.request_id, "id");
+        assert_eq!(out.loss.unwrap(), array![0.5f32, 0.25].into_dyn());
+        assert_eq!(
+            out.grad_logits.unwrap(),
+            array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]].into_dyn()
+        );
+        assert_eq!(out.grad_labels, None);
+
+        // A reduced loss is 0-dimensional.
+        let req = dense_request().reduction(Reduction::Mean);
+        let response = proto::EvaluateResponse {
+            loss: Some(encode(&[], vec![0.75f32], true)),
+            grad_logits: Some(encode(&[2, 3], vec![0.0f32; 6], true)),
+            ..Default::default()
+        };
+        let out = req.decode_response(response).unwrap();
+        assert_eq!(out.loss.unwrap(), ndarray::arr0(0.75f32).into_dyn());
+    }
+
+    #[test]
+    fn half_outputs_decode() {
+        let x = Array2::<bf16>::zeros((1, 4));
+        let req = EvalRequest::sparse(x.view(), array![3i64].view()).wanted(Wanted {
+            loss: true,
+            grad_logits: false,
+            grad_labels: false,
+        });
+        let response = proto::EvaluateResponse {
+            loss: Some(encode(&[1], vec![bf16::from_f32(1.5)], true)),
+            ..Default::default()
+        };
+        let out = req.decode_response(response).unwrap();
+        assert_eq!(out.loss.unwrap()[[0]], bf16::from_f32(1.5));
+    }
+
+    #[test]
+    fn malformed_responses_are_errors() {
+        let err = |response| {
+            dense_request()
+                .decode_response(response)
+                .unwrap_err()
+                .to_string()
+        };
+        let grad = || Some(encode(&[2, 3], vec![0.0f32; 6], true));
+        // Wrong dtype.
+        let e = err(proto::EvaluateResponse {
+            loss: Some(encode(&[2], vec![0.5f64, 0.25], true)),
+            grad_logits: grad(),
+            ..Default::default()
+        });
+        assert_eq!(
+            e,
+            "malformed response: loss has dtype float64, expected float32"
+        );
+        // Wrong shape.
+        let e = err(proto::EvaluateResponse {
+            loss: Some(encode(&[1, 2], vec![0.5f32, 0.25], true)),
+            grad_logits: grad(),
+            ..Default::default()
+        });
+        assert_eq!(e, "malformed response: loss has shape [1, 2], expected [2]");
+        // Missing output.
+        let e = err(proto::EvaluateResponse {
+            grad_logits: grad(),
+            ..Default::default()
+        });
+        assert_eq!(e, "malformed response: loss was asked for but is missing");
+        // Data that does not fit the shape.
+        let mut bad = encode(&[2], vec![0.5f32, 0.25], true);
+        bad.shape = vec![3];
+        let e = err(proto::EvaluateResponse {
+            loss: Some(bad),
+            grad_logits: grad(),
+            ..Default::default()
+        });
+        assert!(e.starts_with("malformed response: loss has 8 bytes"), "{e}");
+    }
+
+    #[test]
+    fn errors_display_code_and_message() {
+        let e = ClientError::from(Status::invalid_argument("labels has shape [2, 4]"));
+        assert_eq!(e.to_string(), "INVALID_ARGUMENT: labels has shape [2, 4]");
+        assert_eq!(e.code(), Some(Code::InvalidArgument));
+        let e = ClientError::from(Status::new(Code::Unavailable, ""));
+        assert_eq!(
+            e.to_string(),
+            "UNAVAILABLE: The service is currently unavailable"
+        );
+    }
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        assert_eq!(endpoint_uri("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(endpoint_uri("http://h:1"), "http://h:1");
+        assert_eq!(endpoint_uri("https://h:1"), "https://h:1");
+    }
+
+    #[tokio::test]
+    async fn connect_failure_is_a_connect_error() {
+        let e = Client::connect("not a uri").await.unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+        // Port 1 on loopback refuses connections.
+        let config = ClientConfig {
+            connect_timeout: Some(Duration::from_secs(2)),
+            ..ClientConfig::default()
+        };
+        let e = Client::connect_with("127.0.0.1:1", config)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot connect to http://127.0.0.1:1: "),
+            "{e}"
+        );
+    }
+}
