@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgAction, Parser};
+
+use crate::batcher::{BatcherSettings, Limits};
 
 /// One MiB.
 pub const MIB: usize = 1 << 20;
@@ -41,6 +43,51 @@ pub struct Config {
     #[arg(long, env = "XENT_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub shutdown_grace_secs: f64,
 
+    /// Gather concurrent compatible requests into one compute job (`false`: one job each).
+    #[arg(long, env = "XENT_BATCHING", default_value_t = true, action = ArgAction::Set)]
+    pub batching: bool,
+
+    /// Longest a request waits for company when a compute slot is free, in milliseconds
+    /// (0: never wait; batches then form only from requests queued while the pool is busy).
+    #[arg(long, env = "XENT_MAX_BATCH_DELAY_MS", default_value_t = 0.0)]
+    pub max_batch_delay_ms: f64,
+
+    /// Row budget of one batch.
+    #[arg(long, env = "XENT_MAX_BATCH_ROWS", default_value_t = 4096)]
+    pub max_batch_rows: usize,
+
+    /// Byte budget of one batch (inputs and outputs).
+    #[arg(long, env = "XENT_MAX_BATCH_BYTES", default_value_t = 64 * MIB)]
+    pub max_batch_bytes: usize,
+
+    /// Requests at least this many bytes run alone, without waiting for company.
+    #[arg(long, env = "XENT_LARGE_REQUEST_BYTES", default_value_t = 8 * MIB)]
+    pub large_request_bytes: usize,
+
+    /// Requests that may wait for the compute pool; more are refused with UNAVAILABLE.
+    #[arg(long, env = "XENT_MAX_QUEUE_REQUESTS", default_value_t = 1024)]
+    pub max_queue_requests: usize,
+
+    /// Bytes (inputs and outputs) that may wait; more are refused with UNAVAILABLE.
+    #[arg(long, env = "XENT_MAX_QUEUE_BYTES", default_value_t = 1024 * MIB)]
+    pub max_queue_bytes: usize,
+
+    /// Batches computed at once (0: one per compute thread).
+    #[arg(long, env = "XENT_MAX_INFLIGHT_BATCHES", default_value_t = 0)]
+    pub max_inflight_batches: usize,
+
+    /// Largest request, in logits elements; larger ones are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "XENT_MAX_REQUEST_ELEMENTS", default_value_t = 1 << 26)]
+    pub max_request_elements: usize,
+
+    /// Deadline of a call whose client sets none, in seconds.
+    #[arg(long, env = "XENT_DEFAULT_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub default_timeout_secs: f64,
+
+    /// Concurrent HTTP/2 streams (calls) per client connection.
+    #[arg(long, env = "XENT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
     /// Log filter in `tracing` EnvFilter syntax (RUST_LOG, if set, takes precedence).
     #[arg(long, env = "XENT_LOG", default_value = "info")]
     pub log: String,
@@ -61,11 +108,19 @@ pub struct Settings {
     pub stream_concurrency: usize,
     /// Grace period of a shutdown.
     pub shutdown_grace: Duration,
+    /// The batcher.
+    pub batcher: BatcherSettings,
+    /// Deadline of calls that set none.
+    pub default_timeout: Duration,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Config::parse_from(["xentd"]).validate().expect("defaults are valid")
+        Config::parse_from(["xentd"])
+            .validate()
+            .expect("defaults are valid")
     }
 }
 
@@ -88,21 +143,94 @@ impl Config {
             ));
         }
         if self.stream_concurrency == 0 || self.stream_concurrency > 1024 {
-            return Err(format!("--stream-concurrency {} must be between 1 and 1024", self.stream_concurrency));
+            return Err(format!(
+                "--stream-concurrency {} must be between 1 and 1024",
+                self.stream_concurrency
+            ));
         }
-        if !(self.shutdown_grace_secs.is_finite() && (0.0..=3600.0).contains(&self.shutdown_grace_secs)) {
-            return Err(format!("--shutdown-grace-secs {} must be between 0 and 3600", self.shutdown_grace_secs));
+        if !(self.shutdown_grace_secs.is_finite()
+            && (0.0..=3600.0).contains(&self.shutdown_grace_secs))
+        {
+            return Err(format!(
+                "--shutdown-grace-secs {} must be between 0 and 3600",
+                self.shutdown_grace_secs
+            ));
         }
         if self.compute_threads > 1024 || self.io_threads > 1024 {
             return Err("--compute-threads and --io-threads must be at most 1024".into());
         }
+        if !(self.max_batch_delay_ms.is_finite()
+            && (0.0..=1000.0).contains(&self.max_batch_delay_ms))
+        {
+            return Err(format!(
+                "--max-batch-delay-ms {} must be between 0 and 1000",
+                self.max_batch_delay_ms
+            ));
+        }
+        if self.max_batch_rows == 0 || self.max_batch_bytes == 0 || self.large_request_bytes == 0 {
+            return Err(
+                "--max-batch-rows, --max-batch-bytes and --large-request-bytes must be positive"
+                    .into(),
+            );
+        }
+        if self.max_queue_requests == 0
+            || self.max_queue_bytes < self.max_batch_bytes.min(self.large_request_bytes)
+        {
+            return Err(format!(
+                "--max-queue-requests must be positive and --max-queue-bytes ({}) at least the smaller of --max-batch-bytes and --large-request-bytes",
+                self.max_queue_bytes
+            ));
+        }
+        if self.max_request_elements == 0 {
+            return Err("--max-request-elements must be positive".into());
+        }
+        if !(self.default_timeout_secs.is_finite()
+            && self.default_timeout_secs > 0.0
+            && self.default_timeout_secs <= 86_400.0)
+        {
+            return Err(format!(
+                "--default-timeout-secs {} must be in (0, 86400]",
+                self.default_timeout_secs
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be positive".into());
+        }
+        let compute_threads = if self.compute_threads == 0 {
+            compute
+        } else {
+            self.compute_threads
+        };
         Ok(Settings {
             listen: self.listen,
-            compute_threads: if self.compute_threads == 0 { compute } else { self.compute_threads },
-            io_threads: if self.io_threads == 0 { io } else { self.io_threads },
+            compute_threads,
+            io_threads: if self.io_threads == 0 {
+                io
+            } else {
+                self.io_threads
+            },
             max_message_bytes: self.max_message_bytes,
             stream_concurrency: self.stream_concurrency,
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+            batcher: BatcherSettings {
+                limits: Limits {
+                    batching: self.batching,
+                    max_delay: Duration::from_secs_f64(self.max_batch_delay_ms / 1e3),
+                    max_batch_rows: self.max_batch_rows,
+                    max_batch_bytes: self.max_batch_bytes,
+                    large_request_bytes: self.large_request_bytes,
+                    max_queue_requests: self.max_queue_requests,
+                    max_queue_bytes: self.max_queue_bytes,
+                },
+                max_inflight_batches: if self.max_inflight_batches == 0 {
+                    compute_threads
+                } else {
+                    self.max_inflight_batches
+                },
+                max_request_elements: self.max_request_elements,
+            },
+            default_timeout: Duration::from_secs_f64(self.default_timeout_secs),
+            max_concurrent_streams: self.max_concurrent_streams,
         })
     }
 }
@@ -120,11 +248,20 @@ mod tests {
 
     #[test]
     fn nonsense_is_refused_with_the_flag_named() {
-        let bad = |args: &[&str]| Config::parse_from([&["xentd"], args].concat()).validate().unwrap_err();
+        let bad = |args: &[&str]| {
+            Config::parse_from([&["xentd"], args].concat())
+                .validate()
+                .unwrap_err()
+        };
         assert!(bad(&["--max-message-bytes", "10"]).contains("--max-message-bytes"));
         assert!(bad(&["--stream-concurrency", "0"]).contains("--stream-concurrency"));
         assert!(bad(&["--shutdown-grace-secs=-1"]).contains("--shutdown-grace-secs"));
-        let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"]).validate().unwrap();
+        assert!(bad(&["--max-batch-delay-ms", "5000"]).contains("--max-batch-delay-ms"));
+        assert!(bad(&["--default-timeout-secs", "0"]).contains("--default-timeout-secs"));
+        assert!(bad(&["--max-queue-requests", "0"]).contains("--max-queue-requests"));
+        let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"])
+            .validate()
+            .unwrap();
         assert!(ok.max_message_bytes >= 256 * MIB);
     }
 }

@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod batcher;
 pub mod client;
 pub mod compute;
 pub mod config;

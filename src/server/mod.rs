@@ -1,9 +1,13 @@
 //! The gRPC server: `xent.v1.Xent`, `grpc.health.v1.Health` and server reflection on one
 //! port, with a warm-up before health says SERVING and a bounded graceful shutdown.
 //!
-//! [`serve`] takes a bound listener and a shutdown future, so tests bind port 0 and stop it
-//! at will, and the binary only adds signals.
+//! [`Server::serve`] takes a bound listener and a shutdown future, so tests bind port 0 and
+//! stop it at will, and the binary only adds signals. Shutdown drains: health turns
+//! NOT_SERVING, the batcher refuses new calls with UNAVAILABLE, calls already accepted finish
+//! within the grace period, then `serve` returns.
 
+mod arrival;
+mod deadline;
 mod service;
 
 use std::future::Future;
@@ -11,12 +15,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub use deadline::parse_timeout;
 pub use service::XentService;
 
+use crate::batcher::Batcher;
 use crate::compute::{self, ComputePool};
 use crate::config::Settings;
 use crate::error::Error;
@@ -33,62 +38,116 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Serves on `listener` until `shutdown` completes, then lets calls in flight finish for at
 /// most `settings.shutdown_grace`.
-pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-    let pool = ComputePool::new(settings.compute_threads)?;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
-    tokio::spawn(warm_up(pool.clone(), health.clone()));
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    Server::new(settings).await?.serve(listener, shutdown).await
+}
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let xent = XentServer::new(XentService::new(pool, settings.stream_concurrency))
+/// A server whose compute pool and batcher are running, ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    settings: Settings,
+    batcher: Batcher,
+    health: HealthReporter,
+}
+
+impl Server {
+    /// Starts the compute pool, the batcher and the warm-up; health is NOT_SERVING until the
+    /// warm-up passes.
+    pub async fn new(settings: Settings) -> Result<Server, Error> {
+        let pool = ComputePool::new(settings.compute_threads)?;
+        let health = HealthReporter::new();
+        set_health(&health, ServingStatus::NotServing).await;
+        tokio::spawn(warm_up(pool.clone(), health.clone()));
+        let batcher = Batcher::start(pool, settings.batcher);
+        Ok(Server {
+            settings,
+            batcher,
+            health,
+        })
+    }
+
+    /// The batcher, whose counters say what was computed, shed or dropped.
+    pub fn batcher(&self) -> &Batcher {
+        &self.batcher
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), Error> {
+        let Server {
+            settings,
+            batcher,
+            health,
+        } = self;
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        );
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        let xent = XentServer::new(XentService::new(
+            batcher.clone(),
+            settings.stream_concurrency,
+            settings.default_timeout,
+        ))
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = {
-        let health = health.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: health NOT_SERVING, finishing calls in flight");
-            set_health(&health, ServingStatus::NotServing).await;
-            let _ = stop_tx.send(());
-        }
-    };
-    let server = Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1 << 20)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(xent)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-    let grace = settings.shutdown_grace;
-    let deadline = async move {
-        // Runs out only once shutdown has begun.
-        if stop_rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server => result.map_err(|e| Error::Internal(format!("transport: {e}"))),
-        () = deadline => {
-            tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; exiting with calls still in flight");
-            Ok(())
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: health NOT_SERVING, finishing calls in flight");
+                set_health(&health, ServingStatus::NotServing).await;
+                batcher.close();
+                let _ = stop_tx.send(());
+            }
+        };
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .layer(arrival::ArrivalLayer)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(1 << 20)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(xent)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        let grace = settings.shutdown_grace;
+        let deadline = async move {
+            // Runs out only once shutdown has begun.
+            if stop_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = server => result.map_err(|e| Error::Internal(format!("transport: {e}"))),
+            () = deadline => {
+                tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; exiting with calls still in flight");
+                Ok(())
+            }
         }
     }
 }
@@ -102,11 +161,16 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// answer, so a replica never takes traffic it would answer wrongly.
 async fn warm_up(pool: ComputePool, health: HealthReporter) {
     let started = std::time::Instant::now();
-    let result = pool.run(|| compute::evaluate(&compute::warm_up_request()?)).await;
+    let result = pool
+        .run(|| compute::evaluate(&compute::warm_up_request()?))
+        .await;
     match result.map(|out| compute::check_warm_up(&out)) {
         Ok(Ok(())) => {
             set_health(&health, ServingStatus::Serving).await;
-            tracing::info!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "warm-up passed; SERVING");
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "warm-up passed; SERVING"
+            );
         }
         Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "warm-up failed; staying NOT_SERVING"),
     }

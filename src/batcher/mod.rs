@@ -1,0 +1,457 @@
+//! The dynamic batcher between the gRPC handlers and the compute pool.
+//!
+//! Three parts, as in the inference servers this is modelled on:
+//! - [`Batcher`], the cheap handle handlers call: it refuses at once what cannot be admitted
+//!   (queue full: UNAVAILABLE with a retry delay; over a hard limit: RESOURCE_EXHAUSTED; a
+//!   deadline that cannot be met: DEADLINE_EXCEEDED; draining: UNAVAILABLE), so refusals
+//!   never wait behind the queue;
+//! - one task that owns the queue ([`policy::Queue`]), forms batches when the pool has a free
+//!   slot, and answers requests that expired or were abandoned while waiting;
+//! - batch jobs on the compute pool: one job per batch, its requests spread over the pool's
+//!   threads, each answered through its own oneshot inside its own tracing span.
+//!
+//! A row's result never depends on its batch: each request is evaluated on its own rows with
+//! sums whose order is fixed by the row, so batching changes throughput, not bits.
+
+pub mod policy;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api;
+use crate::compute::{self, ComputePool};
+use crate::error::Error;
+use crate::eval::{Evaluation, LossKind};
+use crate::proto;
+pub use policy::{BatchKey, CloseReason, Limits};
+use policy::{Dropped, Entry, Full, Next, Queue};
+
+/// Settings of the batcher beyond the queue's own limits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatcherSettings {
+    /// Queue and batch limits.
+    pub limits: Limits,
+    /// Batches computed at once.
+    pub max_inflight_batches: usize,
+    /// Largest request accepted, in logits elements.
+    pub max_request_elements: usize,
+}
+
+/// Counters of what the batcher did, read by tests and exported as metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests computed.
+    pub computed_requests: AtomicU64,
+    /// Rows computed.
+    pub computed_rows: AtomicU64,
+    /// Logits elements computed.
+    pub computed_elements: AtomicU64,
+    /// Batches run, by [`CloseReason`] (index in [`CloseReason::ALL`]).
+    pub batches: [AtomicU64; 5],
+    /// Requests refused because too many were waiting.
+    pub shed_queue_requests: AtomicU64,
+    /// Requests refused because too many bytes were waiting.
+    pub shed_queue_bytes: AtomicU64,
+    /// Requests refused while draining.
+    pub shed_draining: AtomicU64,
+    /// Requests refused for exceeding a hard limit.
+    pub refused_too_large: AtomicU64,
+    /// Requests refused at admission because their deadline could not be met.
+    pub refused_deadline: AtomicU64,
+    /// Requests whose deadline passed while they waited (never computed).
+    pub expired_in_queue: AtomicU64,
+    /// Requests whose caller went away while they waited (never computed).
+    pub abandoned_in_queue: AtomicU64,
+    /// Requests waiting now.
+    pub queued_requests: AtomicUsize,
+    /// Bytes waiting now.
+    pub queued_bytes: AtomicUsize,
+    /// Batches being computed now.
+    pub inflight_batches: AtomicUsize,
+}
+
+impl Stats {
+    /// Batches closed for `reason`.
+    pub fn batches_closed(&self, reason: CloseReason) -> u64 {
+        let i = CloseReason::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .expect("listed");
+        self.batches[i].load(Ordering::Relaxed)
+    }
+
+    /// Batches run, for every reason.
+    pub fn batches_total(&self) -> u64 {
+        self.batches.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+}
+
+struct Shared {
+    settings: BatcherSettings,
+    stats: Stats,
+    /// When the drain began: calls that arrive after it are refused.
+    closed: OnceLock<Instant>,
+    /// Measured kernel cost, ns per logits element (f64 bits); 0 until measured.
+    ns_per_element: AtomicU64,
+    threads: usize,
+}
+
+/// What a waiting request carries.
+struct Job {
+    ev: Evaluation,
+    span: tracing::Span,
+    reply: oneshot::Sender<Result<proto::EvaluateResponse, Error>>,
+}
+
+/// The handle handlers call; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Entry<Job>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("settings", &self.shared.settings)
+            .finish()
+    }
+}
+
+/// Bytes a request holds while it waits and runs: inputs and the outputs it will produce.
+fn footprint(ev: &Evaluation) -> usize {
+    let size = ev.tensors.dtype().size();
+    let n = ev.elements();
+    let dense = ev.kind == LossKind::Dense;
+    let inputs = n * size * if dense { 2 } else { 1 } + ev.layout.rows() * 8;
+    let outputs =
+        n * size * (usize::from(ev.wanted.grad_logits) + usize::from(ev.wanted.grad_labels));
+    inputs + outputs + ev.layout.rows() * size
+}
+
+impl Batcher {
+    /// Starts the batcher's task on the current runtime.
+    pub fn start(pool: ComputePool, settings: BatcherSettings) -> Batcher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            settings,
+            stats: Stats::default(),
+            closed: OnceLock::new(),
+            ns_per_element: AtomicU64::new(0f64.to_bits()),
+            threads: pool.threads(),
+        });
+        tokio::spawn(run(rx, shared.clone(), pool));
+        Batcher { tx, shared }
+    }
+
+    /// What the batcher has done so far.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Refuses requests that arrive from now on; those that arrived before, waiting or still
+    /// being received, are computed.
+    pub fn close(&self) {
+        let _ = self.shared.closed.set(Instant::now());
+    }
+
+    /// The measured kernel cost in ns per logits element, if measured yet.
+    pub fn ns_per_element(&self) -> Option<f64> {
+        let v = f64::from_bits(self.shared.ns_per_element.load(Ordering::Relaxed));
+        (v > 0.0).then_some(v)
+    }
+
+    /// Queues a validated request that `arrived` at the server, and waits for its response
+    /// until `deadline`.
+    pub async fn submit(
+        &self,
+        ev: Evaluation,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<proto::EvaluateResponse, Error> {
+        let s = &self.shared;
+        let stats = &s.stats;
+        if s.closed.get().is_some_and(|&t| arrived >= t) {
+            stats.shed_draining.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Unavailable {
+                reason: "the server is shutting down; retry on another replica".into(),
+                retry_after: Duration::from_millis(100),
+            });
+        }
+        let elements = ev.elements();
+        let bytes = footprint(&ev);
+        let limits = s.settings.limits;
+        if elements > s.settings.max_request_elements {
+            stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::ResourceExhausted(format!(
+                "logits have {elements} elements; this server accepts at most {} per request",
+                s.settings.max_request_elements
+            )));
+        }
+        if bytes > limits.max_queue_bytes {
+            stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::ResourceExhausted(format!(
+                "the request needs {bytes} bytes to compute; this server's queue holds at most {}",
+                limits.max_queue_bytes
+            )));
+        }
+        let now = Instant::now();
+        if let Some(ns) = self.ns_per_element() {
+            let needed = Duration::from_secs_f64(elements as f64 * ns * 1e-9);
+            if now + needed > deadline {
+                stats.refused_deadline.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::DeadlineExceeded(format!(
+                    "the call needs about {:.1} ms of compute but its deadline is {:.1} ms away",
+                    needed.as_secs_f64() * 1e3,
+                    deadline.saturating_duration_since(now).as_secs_f64() * 1e3
+                )));
+            }
+        }
+        self.reserve(bytes)?;
+        let (reply, answer) = oneshot::channel();
+        let key = BatchKey {
+            kind: ev.kind,
+            dtype: ev.tensors.dtype(),
+            classes: ev.layout.classes,
+        };
+        let rows = ev.layout.rows();
+        let job = Job {
+            ev,
+            span: tracing::Span::current(),
+            reply,
+        };
+        let entry = Entry {
+            key,
+            rows,
+            bytes,
+            arrived: now,
+            deadline,
+            payload: job,
+        };
+        if self.tx.send(entry).is_err() {
+            self.release(bytes);
+            return Err(Error::Internal("the batcher has stopped".into()));
+        }
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Internal("the batcher dropped the call".into())),
+            Err(_) => Err(Error::DeadlineExceeded(
+                "the deadline passed before the answer was ready".into(),
+            )),
+        }
+    }
+
+    /// Counts a request into the queue's budgets, or refuses it with the limit it hit.
+    fn reserve(&self, bytes: usize) -> Result<(), Error> {
+        let s = &self.shared;
+        let limits = s.settings.limits;
+        let requests = s.stats.queued_requests.fetch_add(1, Ordering::SeqCst);
+        let queued = s.stats.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        let full = if requests >= limits.max_queue_requests {
+            Some(Full::Requests)
+        } else if queued + bytes > limits.max_queue_bytes {
+            Some(Full::Bytes)
+        } else {
+            None
+        };
+        let Some(full) = full else { return Ok(()) };
+        self.release(bytes);
+        let (limit, counter) = match full {
+            Full::Requests => (
+                format!("{} requests waiting", limits.max_queue_requests),
+                &s.stats.shed_queue_requests,
+            ),
+            Full::Bytes => (
+                format!("{} bytes waiting", limits.max_queue_bytes),
+                &s.stats.shed_queue_bytes,
+            ),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Err(Error::Unavailable {
+            reason: format!("the queue is full ({limit}); retry later or on another replica"),
+            retry_after: self.retry_delay(),
+        })
+    }
+
+    fn release(&self, bytes: usize) {
+        self.shared
+            .stats
+            .queued_requests
+            .fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .stats
+            .queued_bytes
+            .fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    /// About how long the waiting work takes to compute, within [20 ms, 5 s].
+    fn retry_delay(&self) -> Duration {
+        let bytes = self.shared.stats.queued_bytes.load(Ordering::Relaxed) as f64;
+        let ns = self.ns_per_element().unwrap_or(1.0);
+        // A request's footprint is a few bytes per element; 4 is a fair middle.
+        let secs = bytes / 4.0 * ns * 1e-9 / self.shared.threads.max(1) as f64;
+        Duration::from_secs_f64(secs.clamp(0.02, 5.0))
+    }
+}
+
+/// The batcher's task: owns the queue, forms batches, hands them to the pool.
+async fn run(mut rx: mpsc::UnboundedReceiver<Entry<Job>>, shared: Arc<Shared>, pool: ComputePool) {
+    let mut queue: Queue<Job> = Queue::new(shared.settings.limits);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    let mut inflight = 0usize;
+    let mut wake: Option<Instant> = None;
+    let mut open = true;
+    loop {
+        let sleep = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            entry = rx.recv(), if open => match entry {
+                Some(e) => accept(&mut queue, e, &shared),
+                None => open = false,
+            },
+            Some(()) = done_rx.recv() => inflight -= 1,
+            () = sleep => {}
+        }
+        // Take everything else already sent, so one wake-up serves a burst.
+        while let Ok(e) = rx.try_recv() {
+            accept(&mut queue, e, &shared);
+        }
+        let now = Instant::now();
+        for dropped in queue.purge(now, |job| job.reply.is_closed()) {
+            let (entry, counter, error) = match dropped {
+                Dropped::Expired(e) => (
+                    e,
+                    &shared.stats.expired_in_queue,
+                    Error::DeadlineExceeded(
+                        "the deadline passed while the call waited in the queue".into(),
+                    ),
+                ),
+                Dropped::Abandoned(e) => (e, &shared.stats.abandoned_in_queue, Error::Cancelled),
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            release(&shared, entry.bytes);
+            let _ = entry.payload.reply.send(Err(error));
+        }
+        wake = None;
+        while inflight < shared.settings.max_inflight_batches {
+            match queue.next(now) {
+                Next::Run(batch) => {
+                    inflight += 1;
+                    dispatch(batch, &shared, &pool, done_tx.clone());
+                }
+                Next::WaitUntil(t) => {
+                    wake = Some(t);
+                    break;
+                }
+                Next::Idle => break,
+            }
+        }
+        shared
+            .stats
+            .inflight_batches
+            .store(inflight, Ordering::Relaxed);
+        if !open && queue.is_empty() && inflight == 0 {
+            return;
+        }
+    }
+}
+
+fn accept(queue: &mut Queue<Job>, entry: Entry<Job>, shared: &Shared) {
+    // The handle reserved room already, so this only fails if limits disagree.
+    if let Err((_, e)) = queue.push(entry) {
+        release(shared, e.bytes);
+        let _ = e.payload.reply.send(Err(Error::Unavailable {
+            reason: "the queue is full; retry later or on another replica".into(),
+            retry_after: Duration::from_millis(50),
+        }));
+    }
+}
+
+fn release(shared: &Shared, bytes: usize) {
+    shared.stats.queued_requests.fetch_sub(1, Ordering::SeqCst);
+    shared.stats.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+}
+
+/// Elements a batch must hold before its timing updates the kernel-rate estimate (smaller
+/// ones mostly measure dispatch).
+const RATE_SAMPLE_ELEMENTS: usize = 1 << 17;
+
+/// Runs one batch as one job on the pool.
+fn dispatch(
+    batch: policy::Batch<Job>,
+    shared: &Arc<Shared>,
+    pool: &ComputePool,
+    done: mpsc::UnboundedSender<()>,
+) {
+    let shared = shared.clone();
+    let reason = batch.reason;
+    let i = CloseReason::ALL
+        .iter()
+        .position(|&r| r == reason)
+        .expect("listed");
+    shared.stats.batches[i].fetch_add(1, Ordering::Relaxed);
+    pool.spawn(move || {
+        // Frees the batch's slot however this job ends.
+        let _done = SlotGuard(done);
+        let started = Instant::now();
+        for e in &batch.entries {
+            release(&shared, e.bytes);
+        }
+        let (n, rows, elements) = batch
+            .entries
+            .into_par_iter()
+            .map(|entry| {
+                let Job { ev, span, reply } = entry.payload;
+                if reply.is_closed() {
+                    return (0, 0, 0);
+                }
+                let result = span.in_scope(|| {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        compute::evaluate(&ev).map(|out| api::response(&ev, out))
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Internal(
+                            "the kernel panicked on this request".into(),
+                        ))
+                    })
+                });
+                let _ = reply.send(result);
+                (1usize, entry.rows, ev.elements())
+            })
+            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+        let s = &shared.stats;
+        s.computed_requests.fetch_add(n as u64, Ordering::Relaxed);
+        s.computed_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        s.computed_elements
+            .fetch_add(elements as u64, Ordering::Relaxed);
+        if elements >= RATE_SAMPLE_ELEMENTS {
+            let sample = started.elapsed().as_secs_f64() * 1e9 / elements as f64;
+            let old = f64::from_bits(shared.ns_per_element.load(Ordering::Relaxed));
+            let new = if old > 0.0 {
+                0.8 * old + 0.2 * sample
+            } else {
+                sample
+            };
+            shared
+                .ns_per_element
+                .store(new.to_bits(), Ordering::Relaxed);
+        }
+    });
+}
+
+struct SlotGuard(mpsc::UnboundedSender<()>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}

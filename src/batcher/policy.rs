@@ -1,0 +1,458 @@
+//! The batching and admission rules as a plain state machine: no tokio, no channels, time
+//! passed in, so every rule is unit-tested directly.
+//!
+//! Requests wait in one FIFO. When the compute pool has a free slot, the oldest waiting request
+//! decides which [`BatchKey`] is served next (so no key starves), and every waiting request with
+//! that key joins it, in arrival order, up to the row and byte budgets. A batch leaves:
+//! - at once when the oldest request is large ([`CloseReason::LargeBypass`]: it is not held
+//!   back for company) or when the budgets are filled ([`CloseReason::FullRows`],
+//!   [`CloseReason::FullBytes`]);
+//! - with `max_delay` zero, with whatever is waiting ([`CloseReason::QueueEmpty`]): batches then
+//!   form only from requests that queued while the pool was busy, so batching never adds
+//!   latency;
+//! - otherwise once the oldest request has waited `max_delay` ([`CloseReason::DelayExpired`]).
+//!
+//! Requests whose caller has gone or whose deadline has passed are removed when a batch forms
+//! and never computed.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::dtype::DType;
+use crate::eval::LossKind;
+
+/// What requests must share to be computed in one kernel job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// Loss kind.
+    pub kind: LossKind,
+    /// Float dtype (one monomorphised kernel per job).
+    pub dtype: DType,
+    /// Length of the class axis.
+    pub classes: usize,
+}
+
+/// Why a batch left the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The row budget was reached.
+    FullRows,
+    /// The byte budget was reached.
+    FullBytes,
+    /// The oldest request waited `max_delay`.
+    DelayExpired,
+    /// No waiting time is configured and every compatible request was taken.
+    QueueEmpty,
+    /// A large request, sent alone without waiting.
+    LargeBypass,
+}
+
+impl CloseReason {
+    /// Every reason, for metrics.
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::FullRows,
+        CloseReason::FullBytes,
+        CloseReason::DelayExpired,
+        CloseReason::QueueEmpty,
+        CloseReason::LargeBypass,
+    ];
+
+    /// A stable label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::FullRows => "full_rows",
+            CloseReason::FullBytes => "full_bytes",
+            CloseReason::DelayExpired => "delay_expired",
+            CloseReason::QueueEmpty => "queue_empty",
+            CloseReason::LargeBypass => "large_request",
+        }
+    }
+}
+
+/// The limits the queue enforces.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Whether requests are gathered at all (else every batch holds one request).
+    pub batching: bool,
+    /// Longest time the oldest request waits for company.
+    pub max_delay: Duration,
+    /// Row budget of a batch.
+    pub max_batch_rows: usize,
+    /// Byte budget of a batch.
+    pub max_batch_bytes: usize,
+    /// Requests at least this large go alone.
+    pub large_request_bytes: usize,
+    /// Requests that may wait at once.
+    pub max_queue_requests: usize,
+    /// Bytes that may wait at once.
+    pub max_queue_bytes: usize,
+}
+
+/// A waiting request.
+#[derive(Debug)]
+pub struct Entry<P> {
+    /// Its batch key.
+    pub key: BatchKey,
+    /// Its rows.
+    pub rows: usize,
+    /// Its bytes (inputs plus outputs it will produce).
+    pub bytes: usize,
+    /// When it arrived.
+    pub arrived: Instant,
+    /// When its caller stops waiting.
+    pub deadline: Instant,
+    /// What the batcher carries for it.
+    pub payload: P,
+}
+
+/// Which queue limit refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// Too many requests waiting.
+    Requests,
+    /// Too many bytes waiting.
+    Bytes,
+}
+
+/// A batch ready to run.
+#[derive(Debug)]
+pub struct Batch<P> {
+    /// Its requests, in arrival order.
+    pub entries: Vec<Entry<P>>,
+    /// Why it left.
+    pub reason: CloseReason,
+}
+
+/// What the queue wants next.
+#[derive(Debug)]
+pub enum Next<P> {
+    /// Run this batch.
+    Run(Batch<P>),
+    /// Nothing to run before this instant (unless a request arrives).
+    WaitUntil(Instant),
+    /// Nothing waits.
+    Idle,
+}
+
+/// Requests removed without being computed.
+#[derive(Debug)]
+pub enum Dropped<P> {
+    /// The deadline passed while it waited.
+    Expired(Entry<P>),
+    /// The caller went away.
+    Abandoned(Entry<P>),
+}
+
+/// The waiting requests and their totals.
+#[derive(Debug)]
+pub struct Queue<P> {
+    limits: Limits,
+    waiting: VecDeque<Entry<P>>,
+    bytes: usize,
+}
+
+impl<P> Queue<P> {
+    /// An empty queue.
+    pub fn new(limits: Limits) -> Queue<P> {
+        Queue {
+            limits,
+            waiting: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether a request of `bytes` would be admitted now.
+    pub fn room_for(&self, bytes: usize) -> Result<(), Full> {
+        if self.waiting.len() >= self.limits.max_queue_requests {
+            Err(Full::Requests)
+        } else if self.bytes.saturating_add(bytes) > self.limits.max_queue_bytes {
+            Err(Full::Bytes)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Admits a request, or gives it back with the limit it hit.
+    pub fn push(&mut self, entry: Entry<P>) -> Result<(), (Full, Entry<P>)> {
+        if let Err(full) = self.room_for(entry.bytes) {
+            return Err((full, entry));
+        }
+        self.bytes += entry.bytes;
+        self.waiting.push_back(entry);
+        Ok(())
+    }
+
+    /// Removes requests whose deadline passed or whose caller left (`gone`).
+    pub fn purge(&mut self, now: Instant, gone: impl Fn(&P) -> bool) -> Vec<Dropped<P>> {
+        let mut dropped = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for e in self.waiting.drain(..) {
+            if e.deadline <= now {
+                dropped.push(Dropped::Expired(e));
+            } else if gone(&e.payload) {
+                dropped.push(Dropped::Abandoned(e));
+            } else {
+                kept.push_back(e);
+            }
+        }
+        self.waiting = kept;
+        self.bytes = self.waiting.iter().map(|e| e.bytes).sum();
+        dropped
+    }
+
+    /// The next batch to run, given that a compute slot is free.
+    pub fn next(&mut self, now: Instant) -> Next<P> {
+        let Some(oldest) = self.waiting.front() else {
+            return Next::Idle;
+        };
+        let l = self.limits;
+        let is_large =
+            |e: &Entry<P>| e.bytes >= l.large_request_bytes || e.rows >= l.max_batch_rows;
+        if !l.batching || is_large(oldest) {
+            let reason = if l.batching {
+                CloseReason::LargeBypass
+            } else {
+                CloseReason::QueueEmpty
+            };
+            let e = self.waiting.pop_front().expect("oldest exists");
+            self.bytes -= e.bytes;
+            return Next::Run(Batch {
+                entries: vec![e],
+                reason,
+            });
+        }
+        let key = oldest.key;
+        let (mut rows, mut bytes) = (0usize, 0usize);
+        let mut take = Vec::new();
+        let mut full = None;
+        for (i, e) in self.waiting.iter().enumerate() {
+            if e.key != key || is_large(e) {
+                continue;
+            }
+            if !take.is_empty() && rows + e.rows > l.max_batch_rows {
+                full = Some(CloseReason::FullRows);
+                break;
+            }
+            if !take.is_empty() && bytes + e.bytes > l.max_batch_bytes {
+                full = Some(CloseReason::FullBytes);
+                break;
+            }
+            rows += e.rows;
+            bytes += e.bytes;
+            take.push(i);
+            if rows >= l.max_batch_rows {
+                full = Some(CloseReason::FullRows);
+                break;
+            }
+            if bytes >= l.max_batch_bytes {
+                full = Some(CloseReason::FullBytes);
+                break;
+            }
+        }
+        let due = oldest.arrived + l.max_delay;
+        let reason = match full {
+            Some(r) => r,
+            None if l.max_delay.is_zero() => CloseReason::QueueEmpty,
+            None if now >= due => CloseReason::DelayExpired,
+            None => {
+                // The slot is free while this group waits for company: a large request behind
+                // it runs now instead of waiting too.
+                if let Some(i) = self.waiting.iter().position(is_large) {
+                    let e = self.waiting.remove(i).expect("index from this queue");
+                    self.bytes -= e.bytes;
+                    return Next::Run(Batch {
+                        entries: vec![e],
+                        reason: CloseReason::LargeBypass,
+                    });
+                }
+                return Next::WaitUntil(due);
+            }
+        };
+        let mut entries = Vec::with_capacity(take.len());
+        for (removed, i) in take.into_iter().enumerate() {
+            let e = self
+                .waiting
+                .remove(i - removed)
+                .expect("index from this queue");
+            self.bytes -= e.bytes;
+            entries.push(e);
+        }
+        Next::Run(Batch { entries, reason })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: BatchKey = BatchKey {
+        kind: LossKind::Sparse,
+        dtype: DType::F32,
+        classes: 1000,
+    };
+
+    fn limits() -> Limits {
+        Limits {
+            batching: true,
+            max_delay: Duration::from_millis(2),
+            max_batch_rows: 100,
+            max_batch_bytes: 1_000_000,
+            large_request_bytes: 400_000,
+            max_queue_requests: 8,
+            max_queue_bytes: 2_000_000,
+        }
+    }
+
+    fn entry(key: BatchKey, rows: usize, bytes: usize, at: Instant, id: u32) -> Entry<u32> {
+        Entry {
+            key,
+            rows,
+            bytes,
+            arrived: at,
+            deadline: at + Duration::from_secs(1),
+            payload: id,
+        }
+    }
+
+    fn ids(n: Next<u32>) -> (Vec<u32>, CloseReason) {
+        match n {
+            Next::Run(b) => (b.entries.iter().map(|e| e.payload).collect(), b.reason),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn waits_for_company_then_leaves_when_the_delay_expires() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 10, 100, t, 1)).unwrap();
+        assert!(matches!(q.next(t), Next::WaitUntil(d) if d == t + Duration::from_millis(2)));
+        q.push(entry(K, 10, 100, t, 2)).unwrap();
+        assert_eq!(
+            ids(q.next(t + Duration::from_millis(2))),
+            (vec![1, 2], CloseReason::DelayExpired)
+        );
+        assert!(matches!(q.next(t), Next::Idle));
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn zero_delay_takes_what_waits_and_never_waits() {
+        let t = Instant::now();
+        let mut q = Queue::new(Limits {
+            max_delay: Duration::ZERO,
+            ..limits()
+        });
+        q.push(entry(K, 10, 100, t, 1)).unwrap();
+        q.push(entry(K, 10, 100, t, 2)).unwrap();
+        assert_eq!(ids(q.next(t)), (vec![1, 2], CloseReason::QueueEmpty));
+    }
+
+    #[test]
+    fn budgets_close_batches_and_keys_are_served_oldest_first() {
+        let t = Instant::now();
+        let other = BatchKey { classes: 10, ..K };
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 60, 100, t, 1)).unwrap();
+        q.push(entry(other, 5, 100, t, 2)).unwrap();
+        q.push(entry(K, 60, 100, t, 3)).unwrap();
+        q.push(entry(K, 40, 100, t, 4)).unwrap();
+        // 60 + 60 > 100: the batch closes full after the first; the rest waits its turn.
+        assert_eq!(ids(q.next(t)), (vec![1], CloseReason::FullRows));
+        assert!(
+            matches!(q.next(t), Next::WaitUntil(_)),
+            "the other key's request waits for company"
+        );
+        assert_eq!(
+            ids(q.next(t + Duration::from_millis(3))),
+            (vec![2], CloseReason::DelayExpired)
+        );
+        assert_eq!(ids(q.next(t)), (vec![3, 4], CloseReason::FullRows));
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 1, 300_000, t, 1)).unwrap();
+        q.push(entry(K, 1, 300_000, t, 2)).unwrap();
+        q.push(entry(K, 1, 300_000, t, 3)).unwrap();
+        q.push(entry(K, 1, 300_000, t, 4)).unwrap();
+        assert_eq!(ids(q.next(t)), (vec![1, 2, 3], CloseReason::FullBytes));
+    }
+
+    #[test]
+    fn large_requests_go_alone_at_once() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 1, 500_000, t, 1)).unwrap();
+        q.push(entry(K, 1, 10, t, 2)).unwrap();
+        assert_eq!(ids(q.next(t)), (vec![1], CloseReason::LargeBypass));
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 1, 10, t, 1)).unwrap();
+        q.push(entry(K, 1, 500_000, t, 2)).unwrap();
+        assert_eq!(
+            ids(q.next(t)),
+            (vec![2], CloseReason::LargeBypass),
+            "not stuck behind a waiting batch"
+        );
+        let mut q = Queue::new(Limits {
+            batching: false,
+            ..limits()
+        });
+        q.push(entry(K, 1, 10, t, 1)).unwrap();
+        q.push(entry(K, 1, 10, t, 2)).unwrap();
+        assert_eq!(
+            ids(q.next(t)).0,
+            vec![1],
+            "without batching each request runs alone"
+        );
+    }
+
+    #[test]
+    fn admission_is_bounded_by_requests_and_bytes() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits());
+        for i in 0..8 {
+            q.push(entry(K, 1, 10, t, i)).unwrap();
+        }
+        assert_eq!(q.push(entry(K, 1, 10, t, 9)).unwrap_err().0, Full::Requests);
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 1, 1_500_000, t, 1)).unwrap();
+        assert_eq!(
+            q.push(entry(K, 1, 600_000, t, 2)).unwrap_err().0,
+            Full::Bytes
+        );
+    }
+
+    #[test]
+    fn expired_and_abandoned_requests_are_dropped_uncomputed() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits());
+        q.push(entry(K, 1, 10, t, 1)).unwrap();
+        let mut soon = entry(K, 1, 10, t, 2);
+        soon.deadline = t + Duration::from_millis(1);
+        q.push(soon).unwrap();
+        q.push(entry(K, 1, 10, t, 3)).unwrap();
+        let dropped = q.purge(t + Duration::from_millis(1), |&id| id == 3);
+        assert!(matches!(
+            dropped[0],
+            Dropped::Expired(Entry { payload: 2, .. })
+        ));
+        assert!(matches!(
+            dropped[1],
+            Dropped::Abandoned(Entry { payload: 3, .. })
+        ));
+        assert_eq!((q.len(), q.bytes()), (1, 10));
+    }
+}
