@@ -2,7 +2,7 @@
 //!
 //! This module knows nothing of gRPC, async or metrics (`.ci/run` checks it): it takes
 //! checked inputs and caller-owned gradient buffers and returns the loss. The contract it
-//! implements is the project's semantics document; the formulas are in [`rows`]'s docs.
+//! implements is the project's semantics document; the formulas are in the `rows` module's docs.
 //!
 //! How a call runs:
 //! 1. [`reduce`] computes each example's effective weight and the reduction's denominator,

@@ -153,8 +153,11 @@ pub(super) fn logits_row<T: Element, L: LabelRow>(
     if let Some(g) = grads.labels.as_mut() {
         let scale = grads.scale;
         for (j, (out, &v)) in g.iter_mut().zip(x.iter()).enumerate() {
+            // Where y_j does not enter the loss (dy = 0) its gradient is 0, even at a -inf
+            // logit: 0 * log 0 = 0, as for the loss itself (spec Deviation 4).
+            let dy = labels.dy(j);
             let log_softmax = (v.load() - m).into() - log_s;
-            *out = T::from_f64(-scale * labels.dy(j) * log_softmax);
+            *out = T::from_f64(if dy == 0.0 { 0.0 } else { -scale * dy * log_softmax });
         }
     }
     loss
