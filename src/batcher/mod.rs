@@ -45,6 +45,8 @@ pub struct BatcherSettings {
 /// Counters of what the batcher did, read by tests and exported as metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Requests handed to the compute pool.
+    pub dispatched_requests: AtomicU64,
     /// Requests computed.
     pub computed_requests: AtomicU64,
     /// Rows computed.
@@ -108,10 +110,36 @@ struct Job {
     reply: oneshot::Sender<Result<proto::EvaluateResponse, Error>>,
 }
 
+/// What the handle tells the task.
+enum Msg {
+    /// A request to queue.
+    Submit(Box<Entry<Job>>),
+    /// A caller stopped waiting: look for requests to drop.
+    Wake,
+}
+
+/// A caller's wait for its answer. If the caller stops waiting (cancelled, or past its
+/// deadline), dropping this closes the answer channel and wakes the task, so the request
+/// leaves the queue at once instead of at the next batch.
+struct Waiting {
+    answer: oneshot::Receiver<Result<proto::EvaluateResponse, Error>>,
+    wake: mpsc::UnboundedSender<Msg>,
+    answered: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.answer.close();
+            let _ = self.wake.send(Msg::Wake);
+        }
+    }
+}
+
 /// The handle handlers call; cheap to clone.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::UnboundedSender<Entry<Job>>,
+    tx: mpsc::UnboundedSender<Msg>,
     shared: Arc<Shared>,
 }
 
@@ -201,16 +229,9 @@ impl Batcher {
             )));
         }
         let now = Instant::now();
-        if let Some(ns) = self.ns_per_element() {
-            let needed = Duration::from_secs_f64(elements as f64 * ns * 1e-9);
-            if now + needed > deadline {
-                stats.refused_deadline.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::DeadlineExceeded(format!(
-                    "the call needs about {:.1} ms of compute but its deadline is {:.1} ms away",
-                    needed.as_secs_f64() * 1e3,
-                    deadline.saturating_duration_since(now).as_secs_f64() * 1e3
-                )));
-            }
+        if let Err(e) = meets_deadline(elements, self.ns_per_element(), now, deadline) {
+            stats.refused_deadline.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
         }
         self.reserve(bytes)?;
         let (reply, answer) = oneshot::channel();
@@ -233,17 +254,26 @@ impl Batcher {
             deadline,
             payload: job,
         };
-        if self.tx.send(entry).is_err() {
+        if self.tx.send(Msg::Submit(Box::new(entry))).is_err() {
             self.release(bytes);
             return Err(Error::Internal("the batcher has stopped".into()));
         }
-        match tokio::time::timeout_at(deadline.into(), answer).await {
+        let mut waiting = Waiting {
+            answer,
+            wake: self.tx.clone(),
+            answered: false,
+        };
+        let result = match tokio::time::timeout_at(deadline.into(), &mut waiting.answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Internal("the batcher dropped the call".into())),
-            Err(_) => Err(Error::DeadlineExceeded(
-                "the deadline passed before the answer was ready".into(),
-            )),
-        }
+            Err(_) => {
+                return Err(Error::DeadlineExceeded(
+                    "the deadline passed before the answer was ready".into(),
+                ));
+            }
+        };
+        waiting.answered = true;
+        result
     }
 
     /// Counts a request into the queue's budgets, or refuses it with the limit it hit.
@@ -299,8 +329,27 @@ impl Batcher {
     }
 }
 
+/// Whether a call of `elements` can finish by `deadline` if started `now`, at the measured
+/// kernel cost (unknown cost: assume it can).
+pub fn meets_deadline(
+    elements: usize,
+    ns_per_element: Option<f64>,
+    now: Instant,
+    deadline: Instant,
+) -> Result<(), Error> {
+    let needed = Duration::from_secs_f64(elements as f64 * ns_per_element.unwrap_or(0.0) * 1e-9);
+    if now + needed <= deadline && now < deadline {
+        return Ok(());
+    }
+    Err(Error::DeadlineExceeded(format!(
+        "the call needs about {:.3} ms of compute but its deadline is {:.3} ms away",
+        needed.as_secs_f64() * 1e3,
+        deadline.saturating_duration_since(now).as_secs_f64() * 1e3
+    )))
+}
+
 /// The batcher's task: owns the queue, forms batches, hands them to the pool.
-async fn run(mut rx: mpsc::UnboundedReceiver<Entry<Job>>, shared: Arc<Shared>, pool: ComputePool) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>, pool: ComputePool) {
     let mut queue: Queue<Job> = Queue::new(shared.settings.limits);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
     let mut inflight = 0usize;
@@ -314,16 +363,19 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Entry<Job>>, shared: Arc<Shared>, p
             }
         };
         tokio::select! {
-            entry = rx.recv(), if open => match entry {
-                Some(e) => accept(&mut queue, e, &shared),
+            msg = rx.recv(), if open => match msg {
+                Some(Msg::Submit(e)) => accept(&mut queue, *e, &shared),
+                Some(Msg::Wake) => {}
                 None => open = false,
             },
             Some(()) = done_rx.recv() => inflight -= 1,
             () = sleep => {}
         }
         // Take everything else already sent, so one wake-up serves a burst.
-        while let Ok(e) = rx.try_recv() {
-            accept(&mut queue, e, &shared);
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Submit(e) = msg {
+                accept(&mut queue, *e, &shared);
+            }
         }
         let now = Instant::now();
         for dropped in queue.purge(now, |job| job.reply.is_closed()) {
@@ -399,13 +451,18 @@ fn dispatch(
         .position(|&r| r == reason)
         .expect("listed");
     shared.stats.batches[i].fetch_add(1, Ordering::Relaxed);
+    // Dispatched requests no longer wait: their room in the queue is free again.
+    shared
+        .stats
+        .dispatched_requests
+        .fetch_add(batch.entries.len() as u64, Ordering::Relaxed);
+    for e in &batch.entries {
+        release(&shared, e.bytes);
+    }
     pool.spawn(move || {
         // Frees the batch's slot however this job ends.
         let _done = SlotGuard(done);
         let started = Instant::now();
-        for e in &batch.entries {
-            release(&shared, e.bytes);
-        }
         let (n, rows, elements) = batch
             .entries
             .into_par_iter()
@@ -453,5 +510,29 @@ struct SlotGuard(mpsc::UnboundedSender<()>);
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let _ = self.0.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_that_cannot_meet_their_deadline_are_refused() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        // 1e6 elements at 2 ns each need 2 ms.
+        assert!(meets_deadline(1_000_000, Some(2.0), now, now + ms(3)).is_ok());
+        let e = meets_deadline(1_000_000, Some(2.0), now, now + ms(1)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+        assert!(e.to_string().contains("needs about 2.000 ms"), "{e}");
+        assert!(
+            meets_deadline(1_000_000, None, now, now + ms(1)).is_ok(),
+            "unknown cost: admitted"
+        );
+        assert!(
+            meets_deadline(1, None, now, now).is_err(),
+            "a deadline already past"
+        );
     }
 }

@@ -4,15 +4,24 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 
-/// When a call must be answered: now plus the client's `grpc-timeout`, or plus `default` when
-/// the client sets none (or sets one that is malformed, as the gRPC spec allows ignoring it).
-pub fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
-    let timeout = metadata
+/// How much earlier than the client's own deadline the server gives up. tonic enforces
+/// `grpc-timeout` itself, outside every service, and answers CANCELLED; its timer starts just
+/// before ours and polls the call first, so ending a little earlier makes the answer the
+/// DEADLINE_EXCEEDED the gRPC spec asks for.
+const AHEAD_OF_TRANSPORT: Duration = Duration::from_millis(2);
+
+/// When a call that `arrived` must be answered: just before its `grpc-timeout` runs out, or
+/// `default` later when the client sets none (or one that is malformed, which the gRPC spec
+/// allows ignoring).
+pub fn deadline(metadata: &MetadataMap, arrived: Instant, default: Duration) -> Instant {
+    let client = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_timeout)
-        .unwrap_or(default);
-    Instant::now() + timeout
+        .and_then(parse_timeout);
+    match client {
+        Some(t) => arrived + t.saturating_sub(AHEAD_OF_TRANSPORT),
+        None => arrived + default,
+    }
 }
 
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).

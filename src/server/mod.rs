@@ -50,6 +50,7 @@ pub async fn serve(
 #[derive(Debug)]
 pub struct Server {
     settings: Settings,
+    pool: ComputePool,
     batcher: Batcher,
     health: HealthReporter,
 }
@@ -62,12 +63,18 @@ impl Server {
         let health = HealthReporter::new();
         set_health(&health, ServingStatus::NotServing).await;
         tokio::spawn(warm_up(pool.clone(), health.clone()));
-        let batcher = Batcher::start(pool, settings.batcher);
+        let batcher = Batcher::start(pool.clone(), settings.batcher);
         Ok(Server {
             settings,
+            pool,
             batcher,
             health,
         })
+    }
+
+    /// The compute pool (for embedding programs and tests that need to occupy it).
+    pub fn compute_pool(&self) -> &ComputePool {
+        &self.pool
     }
 
     /// The batcher, whose counters say what was computed, shed or dropped.
@@ -85,7 +92,9 @@ impl Server {
             settings,
             batcher,
             health,
+            ..
         } = self;
+        let stats_batcher = batcher.clone();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         );
@@ -142,13 +151,24 @@ impl Server {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             result = server => result.map_err(|e| Error::Internal(format!("transport: {e}"))),
             () = deadline => {
                 tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; exiting with calls still in flight");
                 Ok(())
             }
-        }
+        };
+        let st = stats_batcher.stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            dispatched = load(&st.dispatched_requests),
+            computed = load(&st.computed_requests),
+            expired = load(&st.expired_in_queue),
+            abandoned = load(&st.abandoned_in_queue),
+            shed_draining = load(&st.shed_draining),
+            "drained"
+        );
+        result
     }
 }
 

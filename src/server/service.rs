@@ -83,8 +83,8 @@ impl Xent for XentService {
         &self,
         request: Request<proto::EvaluateRequest>,
     ) -> Result<Response<proto::EvaluateResponse>, Status> {
-        let deadline = deadline(request.metadata(), self.default_timeout);
         let arrived = arrived(&request);
+        let deadline = deadline(request.metadata(), arrived, self.default_timeout);
         let out = Self::evaluate_one(
             self.batcher.clone(),
             "Evaluate",

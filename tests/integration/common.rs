@@ -6,6 +6,8 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use xent::batcher::{Batcher, Stats};
+use xent::compute::ComputePool;
 use xent::config::Settings;
 use xent::proto::xent_client::XentClient;
 
@@ -19,6 +21,10 @@ pub const CLIENT_MAX_MESSAGE: usize = 1 << 30;
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The server's batcher (its counters).
+    pub batcher: Batcher,
+    /// The server's compute pool.
+    pub pool: ComputePool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), xent::error::Error>>>,
 }
@@ -31,15 +37,52 @@ impl TestServer {
 
     /// Starts a server with `settings` (the listen address is ignored) and waits for SERVING.
     pub async fn with_settings(settings: Settings) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(xent::server::serve(listener, settings, async move {
+        let server = xent::server::Server::new(settings)
+            .await
+            .expect("server starts");
+        let (batcher, pool) = (server.batcher().clone(), server.compute_pool().clone());
+        let task = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
-        let server = TestServer { addr, stop: Some(tx), task: Some(task) };
+        let server = TestServer {
+            addr,
+            batcher,
+            pool,
+            stop: Some(tx),
+            task: Some(task),
+        };
         server.wait_serving().await;
         server
+    }
+
+    /// The batcher's counters.
+    pub fn stats(&self) -> &Stats {
+        self.batcher.stats()
+    }
+
+    /// Occupies every compute thread until the returned sender is dropped or sent to, so
+    /// calls queue deterministically.
+    pub fn block_compute(&self) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        for _ in 0..self.pool.threads() {
+            let (rx, started) = (rx.clone(), started_tx.clone());
+            self.pool.spawn(move || {
+                started.send(()).unwrap();
+                let _ = rx.lock().unwrap().recv();
+            });
+        }
+        // Hold the lock-free part until every thread is inside a blocker.
+        for _ in 0..self.pool.threads() {
+            started_rx.recv().unwrap();
+        }
+        tx
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -49,7 +92,11 @@ impl TestServer {
 
     /// A connected channel.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint()).unwrap().connect().await.expect("connect")
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
     }
 
     /// A client of xent.v1.Xent with large message limits.
@@ -62,15 +109,28 @@ impl TestServer {
     /// The health status of `service`.
     pub async fn health(&self, service: &str) -> ServingStatus {
         let mut h = HealthClient::new(self.channel().await);
-        let r = h.check(HealthCheckRequest { service: service.into() }).await.expect("health check");
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check");
         r.into_inner().status()
     }
 
     async fn wait_serving(&self) {
         for _ in 0..500 {
-            if let Ok(ch) = Channel::from_shared(self.endpoint()).unwrap().connect().await {
+            if let Ok(ch) = Channel::from_shared(self.endpoint())
+                .unwrap()
+                .connect()
+                .await
+            {
                 let mut h = HealthClient::new(ch);
-                if let Ok(r) = h.check(HealthCheckRequest { service: String::new() }).await
+                if let Ok(r) = h
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
                     && r.into_inner().status() == ServingStatus::Serving
                 {
                     return;

@@ -5,5 +5,7 @@ mod cli;
 mod common;
 // Every reference case of tests/reference (made by TensorFlow, Keras and PyTorch) over gRPC.
 mod conformance;
+// Batching, backpressure, deadlines and drain under load.
+mod load;
 // Options, dtypes, both RPCs, errors, health, reflection and shutdown of a running server.
 mod server;

@@ -1,0 +1,471 @@
+//! Behaviour under load, asserted on outcomes and counters, never on wall-clock time: batching
+//! changes no bits, overload is refused at once and survived, expired and abandoned calls are
+//! never computed, and a SIGTERM under load loses no accepted call.
+//!
+//! Queueing is made deterministic by occupying the compute pool (`TestServer::block_compute`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use half::bf16;
+use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
+use xent::api::tensor::encode;
+use xent::batcher::CloseReason;
+use xent::config::Settings;
+use xent::proto::{EvaluateRequest, EvaluateResponse, LossKind, Output, Reduction};
+
+use crate::common::{Client, TestServer};
+
+fn settings(batching: bool, threads: usize, inflight: usize, delay_ms: u64) -> Settings {
+    let mut s = Settings::default();
+    s.compute_threads = threads;
+    s.batcher.limits.batching = batching;
+    s.batcher.limits.max_delay = Duration::from_millis(delay_ms);
+    s.batcher.max_inflight_batches = inflight;
+    s
+}
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|k| (((k + seed) * 2_654_435_761) % 2003) as f32 / 97.0 - 10.0)
+        .collect()
+}
+
+/// Requests of several shapes, dtypes, kinds and options.
+fn mixed_requests() -> Vec<EvaluateRequest> {
+    let mut out = Vec::new();
+    for i in 0..48usize {
+        let rows = [1, 3, 17, 64][i % 4];
+        let classes = [10, 1000][(i / 4) % 2];
+        let n = rows * classes;
+        let x = values(n, i);
+        let sparse = i % 3 != 0;
+        let mut req = EvaluateRequest {
+            request_id: format!("r{i}"),
+            outputs: vec![Output::Loss as i32, Output::GradLogits as i32],
+            ..Default::default()
+        };
+        if sparse {
+            req.loss = LossKind::SparseSoftmaxCrossEntropy as i32;
+            req.labels = Some(encode(
+                &[rows],
+                (0..rows).map(|r| ((r * 7 + i) % classes) as i64).collect(),
+                true,
+            ));
+        } else {
+            req.loss = LossKind::SoftmaxCrossEntropy as i32;
+            let mut y = vec![0.0f32; n];
+            for r in 0..rows {
+                y[r * classes + (r + i) % classes] = 0.75;
+                y[r * classes + (r + i + 1) % classes] = 0.25;
+            }
+            req.labels = Some(if i % 4 == 1 {
+                encode(
+                    &[rows, classes],
+                    y.iter().map(|&v| bf16::from_f32(v)).collect(),
+                    true,
+                )
+            } else {
+                encode(&[rows, classes], y, true)
+            });
+            req.outputs.push(Output::GradLabels as i32);
+        }
+        req.logits = Some(if !sparse && i % 4 == 1 {
+            encode(
+                &[rows, classes],
+                x.iter().map(|&v| bf16::from_f32(v)).collect(),
+                true,
+            )
+        } else if i % 5 == 0 {
+            // float64 logits need float64 labels when dense.
+            if !sparse {
+                let y = req.labels.take().unwrap();
+                let y32: Vec<f32> = y
+                    .raw_data
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                req.labels = Some(encode(
+                    &[rows, classes],
+                    y32.iter().map(|&v| f64::from(v)).collect(),
+                    true,
+                ));
+            }
+            encode(
+                &[rows, classes],
+                x.iter().map(|&v| f64::from(v)).collect(),
+                true,
+            )
+        } else {
+            encode(&[rows, classes], x, true)
+        });
+        req.label_smoothing = [0.0, 0.1][i % 2];
+        req.reduction = [Reduction::None, Reduction::Mean, Reduction::Sum][i % 3] as i32;
+        req.z_loss = if i % 7 == 0 { 1e-3 } else { 0.0 };
+        out.push(req);
+    }
+    out
+}
+
+async fn all_at_once(
+    client: &Client,
+    reqs: &[EvaluateRequest],
+) -> Vec<Result<EvaluateResponse, tonic::Status>> {
+    let calls = reqs.iter().cloned().map(|r| {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.evaluate(r).await.map(|r| r.into_inner()) })
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect()
+}
+
+/// Polls `cond` until it holds (fails after 30 s, which only a hang reaches).
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..3000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_bit_identical_whatever_the_batch_or_thread_count() {
+    let reqs = mixed_requests();
+    // Batched: every request queues behind a blocked pool, then batches form.
+    let batched = TestServer::with_settings(settings(true, 2, 1, 5)).await;
+    let client = batched.client().await;
+    let gate = batched.block_compute();
+    let pending = {
+        let (client, reqs) = (client.clone(), reqs.clone());
+        tokio::spawn(async move { all_at_once(&client, &reqs).await })
+    };
+    eventually("every request queued or dispatched", || {
+        let s = batched.stats();
+        s.queued_requests.load(Ordering::SeqCst) as u64
+            + s.dispatched_requests.load(Ordering::SeqCst)
+            == reqs.len() as u64
+    })
+    .await;
+    drop(gate);
+    let a = pending.await.unwrap();
+    let stats = batched.stats();
+    let (computed, batches) = (
+        stats.computed_requests.load(Ordering::SeqCst),
+        stats.batches_total(),
+    );
+    assert_eq!(computed, reqs.len() as u64);
+    assert!(
+        batches < computed,
+        "requests were gathered: {batches} batches for {computed} requests"
+    );
+
+    // Unbatched, one thread; and batched without delay on three threads.
+    let alone = TestServer::with_settings(settings(false, 1, 1, 0)).await;
+    let b = all_at_once(&alone.client().await, &reqs).await;
+    let wide = TestServer::with_settings(settings(true, 3, 3, 0)).await;
+    let c = all_at_once(&wide.client().await, &reqs).await;
+    for (i, ((a, b), c)) in a.iter().zip(&b).zip(&c).enumerate() {
+        let a = a.as_ref().expect("batched answer");
+        assert_eq!(
+            Some(a),
+            b.as_ref().ok(),
+            "request {i}: batched and unbatched differ"
+        );
+        assert_eq!(
+            Some(a),
+            c.as_ref().ok(),
+            "request {i}: 2 and 3 threads differ"
+        );
+    }
+    assert_eq!(alone.stats().batches_total(), reqs.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once_and_survived() {
+    let mut s = settings(true, 1, 1, 0);
+    s.batcher.limits.max_queue_requests = 4;
+    let server = TestServer::with_settings(s).await;
+    let client = server.client().await;
+    let gate = server.block_compute();
+    let req = mixed_requests().swap_remove(7);
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let (mut c, r) = (client.clone(), req.clone());
+            tokio::spawn(async move { c.evaluate(r).await })
+        })
+        .collect();
+    // While the pool is still blocked, the refusals have all been answered: nothing waited.
+    eventually("15 refusals while blocked", || {
+        server.stats().shed_queue_requests.load(Ordering::SeqCst) == 15
+    })
+    .await;
+    assert_eq!(
+        server.health("").await,
+        ServingStatus::Serving,
+        "health answers under overload"
+    );
+    drop(gate);
+    let (mut ok, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                assert!(
+                    s.message().contains("queue is full (4 requests waiting)"),
+                    "{}",
+                    s.message()
+                );
+                let retry = s.get_details_retry_info().expect("RetryInfo detail");
+                assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(
+        (ok, refused),
+        (5, 15),
+        "one computing and four waiting were accepted"
+    );
+    assert!(
+        client.clone().evaluate(req).await.is_ok(),
+        "later calls are served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_abandoned_calls_are_never_computed() {
+    let server = TestServer::with_settings(settings(true, 1, 1, 0)).await;
+    let client = server.client().await;
+    let req = mixed_requests().swap_remove(2);
+    let gate = server.block_compute();
+    let first = {
+        let (mut c, r) = (client.clone(), req.clone());
+        tokio::spawn(async move { c.evaluate(r).await })
+    };
+    eventually("the first call holds the slot", || {
+        server.stats().inflight_batches.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // One call whose deadline passes while it waits, one whose caller goes away.
+    let mut timed = Request::new(req.clone());
+    timed.set_timeout(Duration::from_millis(30));
+    let err = client
+        .clone()
+        .evaluate(timed)
+        .await
+        .expect_err("expires while queued");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    let abandoned = {
+        let (mut c, r) = (client.clone(), req.clone());
+        tokio::spawn(async move { c.evaluate(r).await })
+    };
+    eventually("the abandoned call is queued", || {
+        let s = server.stats();
+        s.queued_requests.load(Ordering::SeqCst) as u64 + s.expired_in_queue.load(Ordering::SeqCst)
+            == 2
+    })
+    .await;
+    abandoned.abort();
+    let stats = server.stats();
+    // Both leave the queue while the pool is still blocked: neither can have been computed.
+    eventually("both dropped from the queue", || {
+        stats.expired_in_queue.load(Ordering::SeqCst) == 1
+            && stats.abandoned_in_queue.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(gate);
+    assert!(first.await.unwrap().is_ok());
+    assert_eq!(
+        stats.computed_requests.load(Ordering::SeqCst),
+        1,
+        "only the first call was computed"
+    );
+
+    // Admission refuses calls that cannot meet their deadline at the measured kernel rate
+    // (`batcher::meets_deadline`, unit-tested): over a socket a microsecond deadline runs out
+    // while the request is still arriving, and tonic answers it before any handler runs.
+    client
+        .clone()
+        .evaluate(req)
+        .await
+        .expect("later calls are served");
+    assert_eq!(stats.computed_requests.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_hard_limits_are_resource_exhausted() {
+    let mut s = settings(true, 1, 1, 0);
+    s.batcher.max_request_elements = 1000;
+    let server = TestServer::with_settings(s).await;
+    let mut client = server.client().await;
+    let req = EvaluateRequest {
+        loss: LossKind::SparseSoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[2, 1000], values(2000, 0), true)),
+        labels: Some(encode(&[2], vec![0i64, 1], true)),
+        ..Default::default()
+    };
+    let err = client
+        .evaluate(req)
+        .await
+        .expect_err("over the element limit");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("at most 1000"), "{}", err.message());
+    assert!(err.get_details_retry_info().is_none(), "not worth retrying");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_no_accepted_call() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xentd"))
+        .args(["--listen", "127.0.0.1:0", "--shutdown-grace-secs", "20"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("xentd starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let endpoint = format!(
+        "http://{}",
+        line.trim().strip_prefix("listening on ").unwrap()
+    );
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client: Client = xent::proto::xent_client::XentClient::new(channel.clone())
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(1 << 30);
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    eventually_async(|| {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+        }
+    })
+    .await;
+    let req = mixed_requests().swap_remove(11);
+    // Each worker calls until the server stops taking calls. How that last call fails is the
+    // client transport's view of a refusal (UNAVAILABLE from xentd, or CANCELLED, GOAWAY or a
+    // closed pipe for a call sent while the connection closed); whether any accepted call was
+    // lost is told by the server's own counts below.
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (mut c, r) = (client.clone(), req.clone());
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                loop {
+                    match c.evaluate(r.clone()).await {
+                        Ok(resp) => {
+                            assert!(resp.into_inner().loss.is_some());
+                            ok += 1;
+                        }
+                        Err(_) => return ok,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut answered = 0;
+    for w in workers {
+        answered += w.await.expect("worker");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit 0 after the drain: {status:?}");
+    let log = log.join().unwrap();
+    assert!(
+        !log.iter().any(|l| l.contains("grace period over")),
+        "the drain finished in time"
+    );
+    let drained = log
+        .iter()
+        .find(|l| l.contains("drained"))
+        .expect("the server reports its drain");
+    let count = |key: &str| -> u64 {
+        let at = drained
+            .find(&format!("{key}="))
+            .unwrap_or_else(|| panic!("{key} in {drained}"));
+        drained[at + key.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        answered > 0,
+        "the server was under load when the signal came"
+    );
+    assert_eq!(
+        count("dispatched"),
+        count("computed"),
+        "every accepted call was computed"
+    );
+    assert_eq!(
+        count("computed"),
+        answered,
+        "every computed call reached its client"
+    );
+    assert_eq!((count("expired"), count("abandoned")), (0, 0));
+}
+
+async fn eventually_async<F, Fut>(cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..3000 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server never became SERVING");
+}
+
+#[test]
+fn close_reasons_have_stable_labels() {
+    let labels: Vec<&str> = CloseReason::ALL.iter().map(|r| r.label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "full_rows",
+            "full_bytes",
+            "delay_expired",
+            "queue_empty",
+            "large_request"
+        ]
+    );
+}
