@@ -21,12 +21,16 @@ use xent::proto::{EvaluateRequest, EvaluateResponse, LossKind, Output, Reduction
 use crate::common::{Client, TestServer};
 
 fn settings(batching: bool, threads: usize, inflight: usize, delay_ms: u64) -> Settings {
-    let mut s = Settings::default();
-    s.compute_threads = threads;
-    s.batcher.limits.batching = batching;
-    s.batcher.limits.max_delay = Duration::from_millis(delay_ms);
-    s.batcher.max_inflight_batches = inflight;
-    s
+    let defaults = Settings::default();
+    let mut batcher = defaults.batcher;
+    batcher.limits.batching = batching;
+    batcher.limits.max_delay = Duration::from_millis(delay_ms);
+    batcher.max_inflight_batches = inflight;
+    Settings {
+        compute_threads: threads,
+        batcher,
+        ..defaults
+    }
 }
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
