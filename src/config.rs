@@ -88,6 +88,14 @@ pub struct Config {
     #[arg(long, env = "XENT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
+    /// Address of the Prometheus `/metrics` listener (`off` disables it).
+    #[arg(long, env = "XENT_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: String,
+
+    /// Log line format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "XENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     /// Log filter in `tracing` EnvFilter syntax (RUST_LOG, if set, takes precedence).
     #[arg(long, env = "XENT_LOG", default_value = "info")]
     pub log: String,
@@ -114,6 +122,8 @@ pub struct Settings {
     pub default_timeout: Duration,
     /// Concurrent streams per connection.
     pub max_concurrent_streams: u32,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -196,6 +206,12 @@ impl Config {
         if self.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be positive".into());
         }
+        let metrics_listen = match self.metrics_listen.as_str() {
+            "off" | "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|e| {
+                format!("--metrics-listen {a:?}: {e} (an address like 127.0.0.1:9464, or off)")
+            })?),
+        };
         let compute_threads = if self.compute_threads == 0 {
             compute
         } else {
@@ -231,6 +247,7 @@ impl Config {
             },
             default_timeout: Duration::from_secs_f64(self.default_timeout_secs),
             max_concurrent_streams: self.max_concurrent_streams,
+            metrics_listen,
         })
     }
 }
@@ -259,6 +276,11 @@ mod tests {
         assert!(bad(&["--max-batch-delay-ms", "5000"]).contains("--max-batch-delay-ms"));
         assert!(bad(&["--default-timeout-secs", "0"]).contains("--default-timeout-secs"));
         assert!(bad(&["--max-queue-requests", "0"]).contains("--max-queue-requests"));
+        assert!(bad(&["--metrics-listen", "nowhere"]).contains("--metrics-listen"));
+        let off = Config::parse_from(["xentd", "--metrics-listen", "off"])
+            .validate()
+            .unwrap();
+        assert_eq!(off.metrics_listen, None);
         let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"])
             .validate()
             .unwrap();

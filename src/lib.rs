@@ -14,6 +14,7 @@
 //! - [`server`]: the tonic services, health, reflection, shutdown.
 //! - [`client`]: a Rust client with ndarray in and out, used by the `xent` CLI.
 //! - [`error`]: the one error enum and its mapping to gRPC status codes.
+//! - [`metrics`]: every exported metric's name and the Prometheus exporter.
 #![deny(missing_docs)]
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod dtype;
 pub mod error;
 pub mod eval;
 pub mod kernel;
+pub mod metrics;
 pub mod server;
 pub mod tensor;
 

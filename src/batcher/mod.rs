@@ -27,6 +27,7 @@ use crate::api;
 use crate::compute::{self, ComputePool};
 use crate::error::Error;
 use crate::eval::{Evaluation, LossKind};
+use crate::metrics::{self as m, ShedReason};
 use crate::proto;
 pub use policy::{BatchKey, CloseReason, Limits};
 use policy::{Dropped, Entry, Full, Next, Queue};
@@ -107,6 +108,8 @@ struct Shared {
 struct Job {
     ev: Evaluation,
     span: tracing::Span,
+    /// Open while the request waits; closed at dispatch.
+    queue_span: tracing::Span,
     reply: oneshot::Sender<Result<proto::EvaluateResponse, Error>>,
 }
 
@@ -206,6 +209,7 @@ impl Batcher {
         let stats = &s.stats;
         if s.closed.get().is_some_and(|&t| arrived >= t) {
             stats.shed_draining.fetch_add(1, Ordering::Relaxed);
+            m::shed(ShedReason::Draining);
             return Err(Error::Unavailable {
                 reason: "the server is shutting down; retry on another replica".into(),
                 retry_after: Duration::from_millis(100),
@@ -216,6 +220,7 @@ impl Batcher {
         let limits = s.settings.limits;
         if elements > s.settings.max_request_elements {
             stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+            m::shed(ShedReason::TooLarge);
             return Err(Error::ResourceExhausted(format!(
                 "logits have {elements} elements; this server accepts at most {} per request",
                 s.settings.max_request_elements
@@ -223,6 +228,7 @@ impl Batcher {
         }
         if bytes > limits.max_queue_bytes {
             stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+            m::shed(ShedReason::TooLarge);
             return Err(Error::ResourceExhausted(format!(
                 "the request needs {bytes} bytes to compute; this server's queue holds at most {}",
                 limits.max_queue_bytes
@@ -231,6 +237,7 @@ impl Batcher {
         let now = Instant::now();
         if let Err(e) = meets_deadline(elements, self.ns_per_element(), now, deadline) {
             stats.refused_deadline.fetch_add(1, Ordering::Relaxed);
+            m::shed(ShedReason::Deadline);
             return Err(e);
         }
         self.reserve(bytes)?;
@@ -244,6 +251,7 @@ impl Batcher {
         let job = Job {
             ev,
             span: tracing::Span::current(),
+            queue_span: tracing::info_span!("queue"),
             reply,
         };
         let entry = Entry {
@@ -291,6 +299,10 @@ impl Batcher {
         };
         let Some(full) = full else { return Ok(()) };
         self.release(bytes);
+        m::shed(match full {
+            Full::Requests => ShedReason::QueueRequests,
+            Full::Bytes => ShedReason::QueueBytes,
+        });
         let (limit, counter) = match full {
             Full::Requests => (
                 format!("{} requests waiting", limits.max_queue_requests),
@@ -379,17 +391,24 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>, pool: Co
         }
         let now = Instant::now();
         for dropped in queue.purge(now, |job| job.reply.is_closed()) {
-            let (entry, counter, error) = match dropped {
+            let (entry, counter, reason, error) = match dropped {
                 Dropped::Expired(e) => (
                     e,
                     &shared.stats.expired_in_queue,
+                    ShedReason::Expired,
                     Error::DeadlineExceeded(
                         "the deadline passed while the call waited in the queue".into(),
                     ),
                 ),
-                Dropped::Abandoned(e) => (e, &shared.stats.abandoned_in_queue, Error::Cancelled),
+                Dropped::Abandoned(e) => (
+                    e,
+                    &shared.stats.abandoned_in_queue,
+                    ShedReason::Abandoned,
+                    Error::Cancelled,
+                ),
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            m::shed(reason);
             release(&shared, entry.bytes);
             let _ = entry.payload.reply.send(Err(error));
         }
@@ -411,6 +430,8 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>, pool: Co
             .stats
             .inflight_batches
             .store(inflight, Ordering::Relaxed);
+        metrics::gauge!(m::QUEUE_REQUESTS).set(queue.len() as f64);
+        metrics::gauge!(m::QUEUE_BYTES).set(queue.bytes() as f64);
         if !open && queue.is_empty() && inflight == 0 {
             return;
         }
@@ -451,6 +472,18 @@ fn dispatch(
         .position(|&r| r == reason)
         .expect("listed");
     shared.stats.batches[i].fetch_add(1, Ordering::Relaxed);
+    let now = Instant::now();
+    metrics::counter!(m::BATCHES, "reason" => reason.label()).increment(1);
+    metrics::histogram!(m::BATCH_REQUESTS).record(batch.entries.len() as f64);
+    metrics::histogram!(m::BATCH_ROWS)
+        .record(batch.entries.iter().map(|e| e.rows).sum::<usize>() as f64);
+    for e in &batch.entries {
+        let waited = now.saturating_duration_since(e.arrived);
+        metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
+        e.payload
+            .span
+            .record("queue_wait_ms", waited.as_secs_f64() * 1e3);
+    }
     // Dispatched requests no longer wait: their room in the queue is free again.
     shared
         .stats
@@ -467,13 +500,22 @@ fn dispatch(
             .entries
             .into_par_iter()
             .map(|entry| {
-                let Job { ev, span, reply } = entry.payload;
+                let Job {
+                    ev,
+                    span,
+                    queue_span,
+                    reply,
+                } = entry.payload;
+                drop(queue_span);
                 if reply.is_closed() {
                     return (0, 0, 0);
                 }
+                let started = Instant::now();
                 let result = span.in_scope(|| {
                     catch_unwind(AssertUnwindSafe(|| {
-                        compute::evaluate(&ev).map(|out| api::response(&ev, out))
+                        let out =
+                            tracing::info_span!("kernel").in_scope(|| compute::evaluate(&ev))?;
+                        Ok(tracing::info_span!("encode").in_scope(|| api::response(&ev, out)))
                     }))
                     .unwrap_or_else(|_| {
                         Err(Error::Internal(
@@ -481,6 +523,10 @@ fn dispatch(
                         ))
                     })
                 });
+                let took = started.elapsed().as_secs_f64();
+                metrics::histogram!(m::COMPUTE).record(took);
+                metrics::counter!(m::ELEMENTS).increment(ev.elements() as u64);
+                span.record("compute_ms", took * 1e3);
                 let _ = reply.send(result);
                 (1usize, entry.rows, ev.elements())
             })

@@ -19,11 +19,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    if config.log_format == "json" {
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.init();
+    }
     let settings = match config.validate() {
         Ok(s) => s,
         Err(e) => {
@@ -52,6 +59,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(addr) = settings.metrics_listen {
+            if let Err(e) = xent::metrics::install(addr) {
+                eprintln!("xentd: cannot serve metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        }
         let addr = listener
             .local_addr()
             .map_or_else(|_| settings.listen.to_string(), |a| a.to_string());

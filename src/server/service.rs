@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, field};
 
@@ -13,6 +14,7 @@ use super::deadline::deadline;
 use crate::api;
 use crate::batcher::Batcher;
 use crate::error::Error;
+use crate::metrics as m;
 use crate::proto;
 use crate::proto::xent_server::Xent;
 
@@ -53,24 +55,56 @@ impl XentService {
             loss = field::Empty,
             dtype = field::Empty,
             shape = field::Empty,
+            rows = field::Empty,
             code = field::Empty,
+            queue_wait_ms = field::Empty,
+            compute_ms = field::Empty,
         );
+        let _in_flight = InFlight::enter();
+        metrics::counter!(m::RECEIVED_BYTES).increment(req.encoded_len() as u64);
         let result = async {
-            let ev = api::decode(req)?;
+            let ev = tracing::info_span!("decode").in_scope(|| api::decode(req))?;
             let span = tracing::Span::current();
             span.record("loss", ev.kind.name());
             span.record("dtype", ev.tensors.dtype().name());
             span.record("shape", field::debug(&ev.shape));
+            span.record("rows", ev.layout.rows());
+            metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
             batcher.submit(ev, arrived, deadline).await
         }
         .instrument(span.clone())
         .await;
-        span.record("code", result.as_ref().map_or_else(Error::kind, |_| "ok"));
+        let code = result
+            .as_ref()
+            .map_or_else(Error::code, |_| tonic::Code::Ok);
+        span.record("code", m::code_label(code));
+        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
+        metrics::histogram!(m::CALL_DURATION, "method" => method)
+            .record(arrived.elapsed().as_secs_f64());
+        if let Ok(resp) = &result {
+            metrics::counter!(m::SENT_BYTES).increment(resp.encoded_len() as u64);
+        }
         span.in_scope(|| match &result {
             Ok(_) => tracing::debug!("evaluated"),
             Err(e) => tracing::info!(error = %e, "refused"),
         });
         result
+    }
+}
+
+/// Counts a call in [`m::IN_FLIGHT`] for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
     }
 }
 

@@ -1,0 +1,287 @@
+//! Every metric xentd exports: its name (a constant here, nowhere else), its unit and help
+//! text, and the Prometheus exporter on its own HTTP listener.
+//!
+//! Recording goes through the `metrics` facade, so code that records knows nothing of
+//! Prometheus; without an installed recorder (embedded servers, tests) recording is a no-op.
+//! Label values come from closed sets (`method`, gRPC `code`, shed and close reasons), never
+//! from request data.
+
+use std::net::SocketAddr;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tonic::Code;
+
+use crate::error::Error;
+
+/// Calls answered, by `method` and gRPC `code`.
+pub const CALLS: &str = "xent_calls_total";
+/// Time from a call's arrival to its answer, by `method`.
+pub const CALL_DURATION: &str = "xent_call_duration_seconds";
+/// Time a request waited in the batcher's queue.
+pub const QUEUE_WAIT: &str = "xent_queue_wait_seconds";
+/// Time the kernel (and encoding) took for one request.
+pub const COMPUTE: &str = "xent_compute_seconds";
+/// Rows (examples) per request.
+pub const REQUEST_ROWS: &str = "xent_request_rows";
+/// Requests per formed batch.
+pub const BATCH_REQUESTS: &str = "xent_batch_requests";
+/// Rows per formed batch.
+pub const BATCH_ROWS: &str = "xent_batch_rows";
+/// Batches formed, by close `reason`.
+pub const BATCHES: &str = "xent_batches_total";
+/// Requests waiting in the queue.
+pub const QUEUE_REQUESTS: &str = "xent_queue_requests";
+/// Bytes (inputs and outputs) of the requests waiting in the queue.
+pub const QUEUE_BYTES: &str = "xent_queue_bytes";
+/// Calls being handled.
+pub const IN_FLIGHT: &str = "xent_calls_in_flight";
+/// Bytes of requests received (protobuf encoded).
+pub const RECEIVED_BYTES: &str = "xent_received_bytes_total";
+/// Bytes of responses sent (protobuf encoded).
+pub const SENT_BYTES: &str = "xent_sent_bytes_total";
+/// Logits elements computed.
+pub const ELEMENTS: &str = "xent_elements_computed_total";
+/// Requests refused or dropped without being computed, by `reason`.
+pub const SHED: &str = "xent_shed_total";
+/// Non-finite values (NaN, +inf, -inf) seen in logits and labels.
+pub const NONFINITE_INPUTS: &str = "xent_nonfinite_inputs_total";
+/// Dense label rows whose sum is not 1 (within 1e-3 relative).
+pub const UNNORMALIZED_LABEL_ROWS: &str = "xent_unnormalized_label_rows_total";
+/// Rows whose loss is not finite.
+pub const NONFINITE_LOSS_ROWS: &str = "xent_nonfinite_loss_rows_total";
+/// Rows recomputed in float64 by `--verify-fraction`.
+pub const VERIFIED_ROWS: &str = "xent_verified_rows_total";
+/// Largest relative error of the kernel seen by `--verify-fraction`.
+pub const VERIFY_MAX_REL_ERROR: &str = "xent_verify_max_relative_error";
+/// 1, labelled with the `version` and the CPU `features` the kernel can use.
+pub const BUILD_INFO: &str = "xent_build_info";
+
+/// Why a request was not computed (the `reason` label of [`SHED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedReason {
+    /// Too many requests waiting.
+    QueueRequests,
+    /// Too many bytes waiting.
+    QueueBytes,
+    /// The server is draining.
+    Draining,
+    /// Over a hard per-request limit.
+    TooLarge,
+    /// Could not meet its deadline.
+    Deadline,
+    /// Its deadline passed while it waited.
+    Expired,
+    /// Its caller went away while it waited.
+    Abandoned,
+}
+
+impl ShedReason {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ShedReason::QueueRequests => "queue_requests",
+            ShedReason::QueueBytes => "queue_bytes",
+            ShedReason::Draining => "draining",
+            ShedReason::TooLarge => "too_large",
+            ShedReason::Deadline => "deadline",
+            ShedReason::Expired => "expired",
+            ShedReason::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Counts a request shed for `reason`.
+pub fn shed(reason: ShedReason) {
+    metrics::counter!(SHED, "reason" => reason.label()).increment(1);
+}
+
+/// The canonical upper-case name of a gRPC code (the `code` label).
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The SIMD features of this CPU that matter to the kernel, comma-separated.
+pub fn cpu_features() -> String {
+    let mut f: Vec<&str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            f.push("avx512f");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            f.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            f.push("fma");
+        }
+        if std::arch::is_x86_feature_detected!("f16c") {
+            f.push("f16c");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    f.push("neon");
+    if f.is_empty() {
+        "none".into()
+    } else {
+        f.join(",")
+    }
+}
+
+/// Describes every metric (help text and unit).
+pub fn describe() {
+    describe_counter!(
+        CALLS,
+        Unit::Count,
+        "Calls answered, by method and gRPC code."
+    );
+    describe_histogram!(
+        CALL_DURATION,
+        Unit::Seconds,
+        "Time from a call's arrival to its answer."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time a request waited for the compute pool."
+    );
+    describe_histogram!(
+        COMPUTE,
+        Unit::Seconds,
+        "Kernel and encoding time of one request."
+    );
+    describe_histogram!(REQUEST_ROWS, Unit::Count, "Rows (examples) per request.");
+    describe_histogram!(BATCH_REQUESTS, Unit::Count, "Requests per formed batch.");
+    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per formed batch.");
+    describe_counter!(
+        BATCHES,
+        Unit::Count,
+        "Batches formed, by the reason they closed."
+    );
+    describe_gauge!(
+        QUEUE_REQUESTS,
+        Unit::Count,
+        "Requests waiting for the compute pool."
+    );
+    describe_gauge!(
+        QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes of the requests waiting for the compute pool."
+    );
+    describe_gauge!(IN_FLIGHT, Unit::Count, "Calls being handled.");
+    describe_counter!(
+        RECEIVED_BYTES,
+        Unit::Bytes,
+        "Bytes of requests received (protobuf encoded)."
+    );
+    describe_counter!(
+        SENT_BYTES,
+        Unit::Bytes,
+        "Bytes of responses sent (protobuf encoded)."
+    );
+    describe_counter!(ELEMENTS, Unit::Count, "Logits elements computed.");
+    describe_counter!(
+        SHED,
+        Unit::Count,
+        "Requests refused or dropped without being computed, by reason."
+    );
+    describe_counter!(
+        NONFINITE_INPUTS,
+        Unit::Count,
+        "Non-finite values seen in logits and labels."
+    );
+    describe_counter!(
+        UNNORMALIZED_LABEL_ROWS,
+        Unit::Count,
+        "Dense label rows whose sum is not 1."
+    );
+    describe_counter!(
+        NONFINITE_LOSS_ROWS,
+        Unit::Count,
+        "Rows whose loss is not finite."
+    );
+    describe_counter!(
+        VERIFIED_ROWS,
+        Unit::Count,
+        "Rows recomputed in float64 to check the kernel."
+    );
+    describe_gauge!(
+        VERIFY_MAX_REL_ERROR,
+        Unit::Count,
+        "Largest relative error of the kernel seen by sampled float64 checks."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        Unit::Count,
+        "Always 1; labelled with the version and the CPU features the kernel can use."
+    );
+}
+
+/// Latency buckets in seconds: 50 us to 60 s.
+const SECONDS: &[f64] = &[
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+/// Count buckets: powers of two to 65536.
+const COUNTS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+    16384.0, 32768.0, 65536.0,
+];
+
+/// Installs the process-wide Prometheus recorder and serves `/metrics` on `addr`. Call once,
+/// from within the tokio runtime.
+pub fn install(addr: SocketAddr) -> Result<(), Error> {
+    let err = |e: metrics_exporter_prometheus::BuildError| {
+        Error::Internal(format!("metrics exporter: {e}"))
+    };
+    let (recorder, exporter) = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .map_err(err)?
+        .set_buckets_for_metric(Matcher::Suffix("_rows".into()), COUNTS)
+        .map_err(err)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_REQUESTS.into()), COUNTS)
+        .map_err(err)?
+        .build()
+        .map_err(err)?;
+    metrics::set_global_recorder(recorder)
+        .map_err(|e| Error::Internal(format!("metrics recorder: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = ?e, "the metrics listener stopped");
+        }
+    });
+    describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "features" => cpu_features()).set(1.0);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_canonical() {
+        assert_eq!(code_label(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(ShedReason::QueueBytes.label(), "queue_bytes");
+        assert!(!cpu_features().is_empty());
+    }
+}
