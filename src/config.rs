@@ -96,9 +96,31 @@ pub struct Config {
     #[arg(long, env = "XENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// OTLP/gRPC collector to export traces to, e.g. `http://127.0.0.1:4317` (needs a build
+    /// with the `otel` feature; empty: no export).
+    #[arg(long, env = "XENT_OTLP_ENDPOINT", default_value = "")]
+    pub otlp_endpoint: String,
+
+    /// `service.name` of exported traces.
+    #[arg(long, env = "XENT_SERVICE_NAME", default_value = "xentd")]
+    pub service_name: String,
+
     /// Log filter in `tracing` EnvFilter syntax (RUST_LOG, if set, takes precedence).
     #[arg(long, env = "XENT_LOG", default_value = "info")]
     pub log: String,
+}
+
+impl Config {
+    /// How logs and traces are to be set up.
+    pub fn telemetry(&self, ansi: bool) -> crate::telemetry::TelemetrySettings {
+        crate::telemetry::TelemetrySettings {
+            filter: self.log.clone(),
+            json: self.log_format == "json",
+            ansi,
+            otlp_endpoint: (!self.otlp_endpoint.is_empty()).then(|| self.otlp_endpoint.clone()),
+            service_name: self.service_name.clone(),
+        }
+    }
 }
 
 /// Validated settings the server runs with.

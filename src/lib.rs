@@ -28,6 +28,7 @@ pub mod eval;
 pub mod kernel;
 pub mod metrics;
 pub mod server;
+pub mod telemetry;
 pub mod tensor;
 
 /// Generated protobuf types and the service's descriptor set (for reflection).

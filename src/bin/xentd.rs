@@ -6,31 +6,18 @@ use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use xent::config::Config;
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log));
-    let filter = match filter {
-        Ok(f) => f,
+    let _telemetry = match xent::telemetry::init(&config.telemetry(std::io::stderr().is_terminal()))
+    {
+        Ok(guard) => guard,
         Err(e) => {
-            eprintln!("xentd: --log {:?}: {e}", config.log);
+            eprintln!("xentd: {e}");
             return ExitCode::from(2);
         }
     };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if config.log_format == "json" {
-        logs.json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init();
-    } else {
-        logs.init();
-    }
     let settings = match config.validate() {
         Ok(s) => s,
         Err(e) => {

@@ -40,18 +40,16 @@ impl XentService {
         }
     }
 
-    /// Validates one request and waits for its answer, inside a span that records it.
-    async fn evaluate_one(
-        batcher: Batcher,
+    /// The span of one call; its trace continues the caller's when `metadata` carries one.
+    fn rpc_span(
         method: &'static str,
-        req: proto::EvaluateRequest,
-        arrived: Instant,
-        deadline: Instant,
-    ) -> Result<proto::EvaluateResponse, Error> {
+        request_id: &str,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> tracing::Span {
         let span = tracing::info_span!(
             "rpc",
             method,
-            request_id = %req.request_id,
+            request_id = %request_id,
             loss = field::Empty,
             dtype = field::Empty,
             shape = field::Empty,
@@ -60,6 +58,19 @@ impl XentService {
             queue_wait_ms = field::Empty,
             compute_ms = field::Empty,
         );
+        crate::telemetry::continue_trace(&span, metadata);
+        span
+    }
+
+    /// Validates one request and waits for its answer, inside its `rpc` span.
+    async fn evaluate_one(
+        batcher: Batcher,
+        method: &'static str,
+        span: tracing::Span,
+        req: proto::EvaluateRequest,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<proto::EvaluateResponse, Error> {
         let _in_flight = InFlight::enter();
         metrics::counter!(m::RECEIVED_BYTES).increment(req.encoded_len() as u64);
         let result = async {
@@ -119,9 +130,15 @@ impl Xent for XentService {
     ) -> Result<Response<proto::EvaluateResponse>, Status> {
         let arrived = arrived(&request);
         let deadline = deadline(request.metadata(), arrived, self.default_timeout);
+        let span = Self::rpc_span(
+            "Evaluate",
+            &request.get_ref().request_id,
+            request.metadata(),
+        );
         let out = Self::evaluate_one(
             self.batcher.clone(),
             "Evaluate",
+            span,
             request.into_inner(),
             arrived,
             deadline,
@@ -138,18 +155,23 @@ impl Xent for XentService {
     ) -> Result<Response<Self::EvaluateStreamStream>, Status> {
         let batcher = self.batcher.clone();
         let per_request = self.default_timeout;
+        // The stream's trace context (if any) is the parent of every request's span.
+        let metadata = request.metadata().clone();
         let inbound = request.into_inner();
         let answers = inbound
             .map(move |item| {
                 let batcher = batcher.clone();
+                let metadata = metadata.clone();
                 async move {
                     let req = item?;
                     let id = req.request_id.clone();
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
+                    let span = Self::rpc_span("EvaluateStream", &id, &metadata);
                     let result = match Self::evaluate_one(
                         batcher,
                         "EvaluateStream",
+                        span,
                         req,
                         now,
                         now + per_request,

@@ -7,5 +7,8 @@ mod common;
 mod conformance;
 // Batching, backpressure, deadlines and drain under load.
 mod load;
+// A caller's trace continues into xentd (needs the `otel` feature).
+#[cfg(feature = "otel")]
+mod trace_context;
 // Options, dtypes, both RPCs, errors, health, reflection and shutdown of a running server.
 mod server;

@@ -1,0 +1,162 @@
+//! Logs and traces: the tracing subscriber of `xentd`, and, behind the `otel` cargo feature,
+//! OTLP trace export and W3C `traceparent` propagation so a trainer's trace continues into
+//! xentd.
+//!
+//! The default build has no OpenTelemetry dependency and needs no collector; asking it for
+//! OTLP export is a configuration error that says which feature to build with.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// How logs and traces are set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    /// Log filter (EnvFilter syntax); `RUST_LOG` wins when set.
+    pub filter: String,
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// ANSI colours (when stderr is a terminal).
+    pub ansi: bool,
+    /// OTLP/gRPC collector endpoint; `None` exports no traces.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported traces.
+    pub service_name: String,
+}
+
+/// What must live as long as the process for traces to be flushed.
+#[must_use = "dropping the guard stops trace export"]
+pub struct Guard {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber: logs to stderr, and traces to OTLP when configured.
+pub fn init(s: &TelemetrySettings) -> Result<Guard, String> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&s.filter))
+        .map_err(|e| format!("--log {:?}: {e}", s.filter))?;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(s.ansi);
+    let fmt = if s.json {
+        fmt.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed()
+    } else {
+        fmt.boxed()
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    {
+        let (layer, provider) = match &s.otlp_endpoint {
+            Some(endpoint) => {
+                let (layer, provider) = otel::otlp_layer(endpoint, &s.service_name)?;
+                (Some(layer), Some(provider))
+            }
+            None => (None, None),
+        };
+        otel::install_propagator();
+        registry.with(layer).try_init().map_err(|e| e.to_string())?;
+        Ok(Guard { provider })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        if s.otlp_endpoint.is_some() {
+            return Err("--otlp-endpoint needs a build with the `otel` feature (cargo build --features otel)".into());
+        }
+        registry.try_init().map_err(|e| e.to_string())?;
+        Ok(Guard {})
+    }
+}
+
+use tracing_subscriber::Layer as _;
+
+/// Makes the caller's W3C trace context (the `traceparent` metadata) the parent of `span`.
+/// Without the `otel` feature there is no trace context to continue, and this does nothing.
+pub fn continue_trace(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    #[cfg(feature = "otel")]
+    otel::set_parent(span, metadata);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, metadata);
+}
+
+#[cfg(feature = "otel")]
+pub mod otel {
+    //! The OpenTelemetry parts, compiled only with the `otel` feature.
+
+    use opentelemetry::propagation::Extractor;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    /// Makes W3C trace context the global propagation format.
+    pub fn install_propagator() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    }
+
+    /// A tracing layer exporting spans to an OTLP/gRPC collector at `endpoint`.
+    pub fn otlp_layer<S>(
+        endpoint: &str,
+        service_name: &str,
+    ) -> Result<
+        (
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
+            SdkTracerProvider,
+        ),
+        String,
+    >
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| format!("--otlp-endpoint {endpoint}: {e}"))?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(service_name.to_string())
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("xentd");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
+    }
+
+    struct Metadata<'a>(&'a tonic::metadata::MetadataMap);
+
+    impl Extractor for Metadata<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0
+                .keys()
+                .filter_map(|k| match k {
+                    tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                    tonic::metadata::KeyRef::Binary(_) => None,
+                })
+                .collect()
+        }
+    }
+
+    /// Sets `span`'s parent to the trace context carried in `metadata`, if any.
+    pub fn set_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Metadata(metadata)));
+        let _ = span.set_parent(cx);
+    }
+}
