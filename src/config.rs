@@ -88,6 +88,11 @@ pub struct Config {
     #[arg(long, env = "XENT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
+    /// Fraction of requests recomputed in float64, after they are answered, to measure the
+    /// kernel's error on real traffic (0 disables).
+    #[arg(long, env = "XENT_VERIFY_FRACTION", default_value_t = 0.0)]
+    pub verify_fraction: f64,
+
     /// Address of the Prometheus `/metrics` listener (`off` disables it).
     #[arg(long, env = "XENT_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: String,
@@ -146,6 +151,8 @@ pub struct Settings {
     pub max_concurrent_streams: u32,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Fraction of requests verified in float64.
+    pub verify_fraction: f64,
 }
 
 impl Default for Settings {
@@ -228,6 +235,12 @@ impl Config {
         if self.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be positive".into());
         }
+        if !(0.0..=1.0).contains(&self.verify_fraction) {
+            return Err(format!(
+                "--verify-fraction {} must be between 0 and 1",
+                self.verify_fraction
+            ));
+        }
         let metrics_listen = match self.metrics_listen.as_str() {
             "off" | "" => None,
             a => Some(a.parse::<SocketAddr>().map_err(|e| {
@@ -270,6 +283,7 @@ impl Config {
             default_timeout: Duration::from_secs_f64(self.default_timeout_secs),
             max_concurrent_streams: self.max_concurrent_streams,
             metrics_listen,
+            verify_fraction: self.verify_fraction,
         })
     }
 }
@@ -299,6 +313,7 @@ mod tests {
         assert!(bad(&["--default-timeout-secs", "0"]).contains("--default-timeout-secs"));
         assert!(bad(&["--max-queue-requests", "0"]).contains("--max-queue-requests"));
         assert!(bad(&["--metrics-listen", "nowhere"]).contains("--metrics-listen"));
+        assert!(bad(&["--verify-fraction", "2"]).contains("--verify-fraction"));
         let off = Config::parse_from(["xentd", "--metrics-listen", "off"])
             .validate()
             .unwrap();

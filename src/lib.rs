@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod server;
 pub mod telemetry;
 pub mod tensor;
+pub mod verify;
 
 /// Generated protobuf types and the service's descriptor set (for reflection).
 pub mod proto {

@@ -29,6 +29,7 @@ use crate::error::Error;
 use crate::eval::{Evaluation, LossKind};
 use crate::metrics::{self as m, ShedReason};
 use crate::proto;
+use crate::verify::Verifier;
 pub use policy::{BatchKey, CloseReason, Limits};
 use policy::{Dropped, Entry, Full, Next, Queue};
 
@@ -96,6 +97,7 @@ impl Stats {
 
 struct Shared {
     settings: BatcherSettings,
+    verifier: Option<Verifier>,
     stats: Stats,
     /// When the drain began: calls that arrive after it are refused.
     closed: OnceLock<Instant>,
@@ -167,10 +169,15 @@ fn footprint(ev: &Evaluation) -> usize {
 
 impl Batcher {
     /// Starts the batcher's task on the current runtime.
-    pub fn start(pool: ComputePool, settings: BatcherSettings) -> Batcher {
+    pub fn start(
+        pool: ComputePool,
+        settings: BatcherSettings,
+        verifier: Option<Verifier>,
+    ) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             settings,
+            verifier,
             stats: Stats::default(),
             closed: OnceLock::new(),
             ns_per_element: AtomicU64::new(0f64.to_bits()),
@@ -178,6 +185,11 @@ impl Batcher {
         });
         tokio::spawn(run(rx, shared.clone(), pool));
         Batcher { tx, shared }
+    }
+
+    /// The sampled float64 verifier, when `--verify-fraction` is set.
+    pub fn verifier(&self) -> Option<&Verifier> {
+        self.shared.verifier.as_ref()
     }
 
     /// What the batcher has done so far.
@@ -527,7 +539,15 @@ fn dispatch(
                 metrics::histogram!(m::COMPUTE).record(took);
                 metrics::counter!(m::ELEMENTS).increment(ev.elements() as u64);
                 span.record("compute_ms", took * 1e3);
+                let verify = match (&shared.verifier, &result) {
+                    (Some(v), Ok(resp)) => Some((v, resp.clone())),
+                    _ => None,
+                };
                 let _ = reply.send(result);
+                // After the caller has its answer: sampling never delays it.
+                if let Some((v, resp)) = verify {
+                    v.offer(&ev, &resp);
+                }
                 (1usize, entry.rows, ev.elements())
             })
             .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));

@@ -63,7 +63,8 @@ impl Server {
         let health = HealthReporter::new();
         set_health(&health, ServingStatus::NotServing).await;
         tokio::spawn(warm_up(pool.clone(), health.clone()));
-        let batcher = Batcher::start(pool.clone(), settings.batcher);
+        let verifier = crate::verify::Verifier::start(settings.verify_fraction);
+        let batcher = Batcher::start(pool.clone(), settings.batcher, verifier);
         Ok(Server {
             settings,
             pool,

@@ -473,3 +473,28 @@ fn close_reasons_have_stable_labels() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_answers_are_verified_in_float64_and_within_the_contract() {
+    let mut s = settings(true, 2, 2, 0);
+    s.verify_fraction = 1.0;
+    let server = TestServer::with_settings(s).await;
+    let mut client = server.client().await;
+    let reqs = mixed_requests();
+    for r in &reqs[..12] {
+        client.evaluate(r.clone()).await.expect("answered");
+    }
+    let v = server.batcher.verifier().expect("a verifier runs").stats();
+    eventually("some answers verified", || {
+        v.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Samples are dropped rather than queued when the verifier is busy; give it the rest.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(v.rows.load(Ordering::SeqCst) >= 1);
+    assert!(
+        v.max_error() <= 1.0,
+        "the kernel is within the contract's tolerance: {}",
+        v.max_error()
+    );
+}
