@@ -550,3 +550,27 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
         .unwrap();
     assert!(status.success(), "xentd exits 0 after draining: {status:?}");
 }
+
+#[test]
+fn every_flag_is_documented_in_the_readme() {
+    let help = Command::new(env!("CARGO_BIN_EXE_xentd"))
+        .arg("--help")
+        .output()
+        .expect("xentd --help");
+    let help = String::from_utf8(help.stdout).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|l| l.split([' ', '<']).next().unwrap())
+        .filter(|f| !matches!(*f, "help" | "version"))
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    for flag in flags {
+        assert!(
+            readme.contains(&format!("`--{flag}`")),
+            "README's configuration table lacks --{flag}"
+        );
+    }
+}
