@@ -498,3 +498,61 @@ async fn sampled_answers_are_verified_in_float64_and_within_the_contract() {
         v.max_error()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_size_limit_are_refused_with_both_sizes_named() {
+    let mut s = settings(true, 1, 1, 0);
+    s.max_message_bytes = 1 << 20;
+    let server = TestServer::with_settings(s).await;
+    let mut client = server.client().await;
+    let dense = |rows: usize| EvaluateRequest {
+        loss: LossKind::SoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[rows, 1000], values(rows * 1000, 3), true)),
+        labels: Some(encode(&[rows, 1000], vec![0.001f32; rows * 1000], true)),
+        outputs: vec![
+            Output::Loss as i32,
+            Output::GradLogits as i32,
+            Output::GradLabels as i32,
+        ],
+        ..Default::default()
+    };
+    // 2 x 400 rows x 1000 x 4 bytes = 3.2 MB in.
+    let err = client
+        .evaluate(dense(400))
+        .await
+        .map(|_| ())
+        .expect_err("request too large");
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message().contains("decoded message length too large"),
+        "{}",
+        err.message()
+    );
+    // Raw bfloat16 in (2 x 160k x 2 bytes = 0.64 MB), both gradients as typed float fields out
+    // (2 x 160k x 4 bytes = 1.28 MB).
+    let n = 160 * 1000;
+    let halves = |v: f32| vec![bf16::from_f32(v); n];
+    let answer_too_large = EvaluateRequest {
+        loss: LossKind::SoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[160, 1000], halves(0.5), true)),
+        labels: Some(encode(&[160, 1000], halves(0.001), true)),
+        outputs: vec![Output::GradLogits as i32, Output::GradLabels as i32],
+        response_encoding: xent::proto::Encoding::Typed as i32,
+        ..Default::default()
+    };
+    let err = client
+        .evaluate(answer_too_large)
+        .await
+        .map(|_| ())
+        .expect_err("answer too large");
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message().contains("encoded message length too large"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        client.evaluate(dense(10)).await.is_ok(),
+        "the server goes on"
+    );
+}
