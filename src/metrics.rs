@@ -52,8 +52,9 @@ pub const UNNORMALIZED_LABEL_ROWS: &str = "xent_unnormalized_label_rows_total";
 pub const NONFINITE_LOSS_ROWS: &str = "xent_nonfinite_loss_rows_total";
 /// Rows recomputed in float64 by `--verify-fraction`.
 pub const VERIFIED_ROWS: &str = "xent_verified_rows_total";
-/// Largest relative error of the kernel seen by `--verify-fraction`.
-pub const VERIFY_MAX_REL_ERROR: &str = "xent_verify_max_relative_error";
+/// Largest error of the kernel seen by `--verify-fraction`, divided by the contract's
+/// tolerance for its dtype (at most 1: within the contract).
+pub const VERIFY_MAX_ERROR_RATIO: &str = "xent_verify_max_error_ratio";
 /// 1, labelled with the `version` and the CPU `features` the kernel can use.
 pub const BUILD_INFO: &str = "xent_build_info";
 
@@ -224,7 +225,7 @@ pub fn describe() {
         "Rows recomputed in float64 to check the kernel."
     );
     describe_gauge!(
-        VERIFY_MAX_REL_ERROR,
+        VERIFY_MAX_ERROR_RATIO,
         Unit::Count,
         "Largest relative error of the kernel seen by sampled float64 checks."
     );

@@ -189,7 +189,7 @@ fn check(ev: &Evaluation, resp: &proto::EvaluateResponse, stats: &VerifyStats) {
     // Non-negative f64 bit patterns order as the values do, so fetch_max on bits is a max.
     let max = f64::from_bits(old).max(err);
     metrics::counter!(m::VERIFIED_ROWS).increment(rows);
-    metrics::gauge!(m::VERIFY_MAX_REL_ERROR).set(max);
+    metrics::gauge!(m::VERIFY_MAX_ERROR_RATIO).set(max);
     if err > 1.0 {
         tracing::warn!(request_id = %ev.request_id, error = err, "a verified answer is outside the contract's tolerance");
     }

@@ -72,6 +72,12 @@ impl XentService {
         deadline: Instant,
     ) -> Result<proto::EvaluateResponse, Error> {
         let _in_flight = InFlight::enter();
+        // Counts the call as CANCELLED if the client goes away and this future is dropped.
+        let mut record = CallRecord {
+            method,
+            arrived,
+            done: false,
+        };
         metrics::counter!(m::RECEIVED_BYTES).increment(req.encoded_len() as u64);
         let result = async {
             let ev = tracing::info_span!("decode").in_scope(|| api::decode(req))?;
@@ -89,9 +95,7 @@ impl XentService {
             .as_ref()
             .map_or_else(Error::code, |_| tonic::Code::Ok);
         span.record("code", m::code_label(code));
-        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
-        metrics::histogram!(m::CALL_DURATION, "method" => method)
-            .record(arrived.elapsed().as_secs_f64());
+        record.finish(code);
         if let Ok(resp) = &result {
             metrics::counter!(m::SENT_BYTES).increment(resp.encoded_len() as u64);
         }
@@ -100,6 +104,32 @@ impl XentService {
             Err(e) => tracing::info!(error = %e, "refused"),
         });
         result
+    }
+}
+
+/// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once: with its code when it is
+/// answered, or as CANCELLED when its future is dropped first (the client went away).
+struct CallRecord {
+    method: &'static str,
+    arrived: Instant,
+    done: bool,
+}
+
+impl CallRecord {
+    fn finish(&mut self, code: tonic::Code) {
+        self.done = true;
+        let method = self.method;
+        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
+        metrics::histogram!(m::CALL_DURATION, "method" => method)
+            .record(self.arrived.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(tonic::Code::Cancelled);
+        }
     }
 }
 

@@ -7,6 +7,8 @@ mod common;
 mod conformance;
 // Batching, backpressure, deadlines and drain under load.
 mod load;
+// Metrics scraped by a real Prometheus; the deploy/ rules and dashboard run on it.
+mod observability;
 // A caller's trace continues into xentd (needs the `otel` feature).
 #[cfg(feature = "otel")]
 mod trace_context;

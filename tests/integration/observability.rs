@@ -1,0 +1,528 @@
+//! Metrics as an operator sees them: the real xentd binary scraped by a real Prometheus
+//! (Debian's `prometheus` package, which `.ci/run` installs), whose query API must count
+//! exactly the calls made; `promtool check metrics` accepts the exposition as it is; and the
+//! rules of deploy/prometheus and every query of the Grafana dashboard run on that Prometheus
+//! without error.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use xent::api::tensor::encode;
+use xent::proto::{EvaluateRequest, LossKind, evaluate_stream_response};
+
+use crate::common::Client;
+
+const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/grafana/xent-dashboard.json"
+);
+
+/// How long Prometheus gets to show what was done.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// `name` on PATH or in /usr/bin; a missing tool fails the test, never skips it.
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not on PATH nor in /usr/bin: this test needs a real Prometheus \
+                 and promtool, from Debian's prometheus package (`.ci/run` installs it: \
+                 apt-get install -y prometheus)"
+            )
+        })
+}
+
+/// A loopback port nobody listens on (the OS's choice, released at once).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A child process killed when dropped, so a failed assertion leaves nothing running.
+struct Running(Child);
+
+impl Running {
+    /// SIGTERM, then its exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM delivered");
+        self.0.wait().expect("wait")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The end of a log file, for failure messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// `GET path` and the status and body of the answer. HTTP/1.0, so the body is never chunked
+/// and ends when the server closes the connection.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8(raw).map_err(std::io::Error::other)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no end of headers in {raw:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The `data` of a successful Prometheus API answer.
+fn api(prom: SocketAddr, path: &str) -> Value {
+    let (status, body) = get(prom, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let v: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("GET {path}: {status} {body:?} is not JSON: {e}"));
+    assert!(
+        status == 200 && v["status"] == "success",
+        "GET {path}: {status} {body}"
+    );
+    v["data"].clone()
+}
+
+/// The series an instant query returns.
+fn query(prom: SocketAddr, q: &str) -> Vec<Value> {
+    let data = api(prom, &format!("/api/v1/query?query={}", urlencode(q)));
+    data["result"].as_array().cloned().unwrap_or_default()
+}
+
+/// The value of a query returning at most one series (`None` when it returns none).
+fn scalar(prom: SocketAddr, q: &str) -> Option<f64> {
+    let series = query(prom, q);
+    assert!(series.len() <= 1, "{q} returned several series: {series:?}");
+    series.first().map(|s| {
+        s["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{q}: no value in {s}"))
+    })
+}
+
+/// A sparse request of 2 rows and 3 classes; a class id of 3 or more makes it invalid.
+fn request(id: &str, labels: [i64; 2]) -> EvaluateRequest {
+    EvaluateRequest {
+        request_id: id.into(),
+        loss: LossKind::SparseSoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[2, 3], vec![1.0f32, 2.0, 0.5, 0.2, 0.8, 1.5], true)),
+        labels: Some(encode(&[2], labels.to_vec(), true)),
+        ..Default::default()
+    }
+}
+
+const VALID: [i64; 2] = [1, 2];
+const INVALID: [i64; 2] = [1, 7];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_counts_every_call_and_runs_the_rules_and_dashboard() {
+    let (prometheus, promtool) = (tool("prometheus"), tool("promtool"));
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // xentd, with its metrics on a port of its own.
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let xentd_log = dir.path().join("xentd.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xentd"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen"])
+        .arg(metrics.to_string())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(File::create(&xentd_log).unwrap())
+        .spawn()
+        .expect("xentd starts");
+    let stdout = child.stdout.take().unwrap();
+    let xentd = Running(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let Some(addr) = line.trim().strip_prefix("listening on ") else {
+        panic!("xentd printed {line:?}; log:\n{}", tail(&xentd_log))
+    };
+
+    // Prometheus, scraping it every second and evaluating the project's rules.
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {RULES}\n\
+             scrape_configs:\n  - job_name: xentd\n    static_configs:\n      - targets: [\"{metrics}\"]\n"
+        ),
+    )
+    .unwrap();
+    let prom_log = dir.path().join("prometheus.log");
+    let log_file = File::create(&prom_log).unwrap();
+    let prom = Running(
+        Command::new(&prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts: {e}", prometheus.display())),
+    );
+
+    // The calls: 7 valid and 3 invalid Evaluate calls, and a stream of 3 valid requests and
+    // 1 invalid one (each answered in the stream with its own code). The first call is seen by
+    // a scrape before the others are made: a counter's increase before its first sample is
+    // invisible to rate(), which the recording rules use.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to xentd");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut serving = false;
+    for _ in 0..500 {
+        serving = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving);
+        if serving {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(serving, "xentd never SERVING; log:\n{}", tail(&xentd_log));
+    let mut client: Client = xent::proto::xent_client::XentClient::new(channel);
+    client
+        .evaluate(request("ok-0", VALID))
+        .await
+        .expect("a valid request is answered");
+    let log = prom_log.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until(web, r#"up{job="xentd"}"#, 1.0, &log);
+        wait_until(
+            web,
+            r#"xent_calls_total{method="Evaluate",code="OK"}"#,
+            1.0,
+            &log,
+        );
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    for i in 1..7 {
+        client
+            .evaluate(request(&format!("ok-{i}"), VALID))
+            .await
+            .expect("a valid request is answered");
+    }
+    for i in 0..3 {
+        let err = client
+            .evaluate(request(&format!("bad-{i}"), INVALID))
+            .await
+            .expect_err("a class id out of range is refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    }
+    let stream = ["s-0", "s-1", "s-bad", "s-3"]
+        .map(|id| request(id, if id.ends_with("bad") { INVALID } else { VALID }));
+    let mut answers = client
+        .evaluate_stream(futures::stream::iter(stream))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut codes = Vec::new();
+    while let Some(a) = answers.message().await.expect("stream answer") {
+        codes.push(match a.result.expect("a result") {
+            evaluate_stream_response::Result::Response(_) => Code::Ok,
+            evaluate_stream_response::Result::Error(e) => Code::from(e.code),
+        });
+    }
+    assert_eq!(
+        codes,
+        [Code::Ok, Code::Ok, Code::InvalidArgument, Code::Ok],
+        "stream answers"
+    );
+
+    let checks = tokio::task::spawn_blocking(move || {
+        check_prometheus(web, metrics, &promtool, &prom_log);
+    });
+    if let Err(e) = checks.await {
+        let e = e.into_panic();
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        panic!("{why}\nxentd log:\n{}", tail(&xentd_log));
+    }
+
+    let status = tokio::task::spawn_blocking(move || xentd.terminate())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "xentd exits 0 on SIGTERM: {status:?}; log:\n{}",
+        tail(&xentd_log)
+    );
+    let status = tokio::task::spawn_blocking(move || prom.terminate())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "prometheus exits 0 on SIGTERM: {status:?}"
+    );
+}
+
+/// Waits until Prometheus is ready and `q` has the value `want` (blocking).
+fn wait_until(web: SocketAddr, q: &str, want: f64, prom_log: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while !matches!(get(web, "/-/ready"), Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never ready; its log:\n{}",
+            tail(prom_log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    loop {
+        let got = scalar(web, q);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{q}: want {want}, got {got:?}; Prometheus log:\n{}",
+            tail(prom_log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Everything asked of Prometheus and promtool once the calls are made (blocking).
+fn check_prometheus(web: SocketAddr, metrics: SocketAddr, promtool: &Path, prom_log: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    // The counts, once a scrape after the last call has landed. Only valid requests reach
+    // the batcher: 10 of them, 2 rows and 6 logits each.
+    let want: &[(&str, f64)] = &[
+        (r#"up{job="xentd"}"#, 1.0),
+        (r#"xent_calls_total{method="Evaluate",code="OK"}"#, 7.0),
+        (
+            r#"xent_calls_total{method="Evaluate",code="INVALID_ARGUMENT"}"#,
+            3.0,
+        ),
+        (
+            r#"xent_calls_total{method="EvaluateStream",code="OK"}"#,
+            3.0,
+        ),
+        (
+            r#"xent_calls_total{method="EvaluateStream",code="INVALID_ARGUMENT"}"#,
+            1.0,
+        ),
+        ("sum(xent_calls_total)", 14.0),
+        (
+            r#"xent_call_duration_seconds_count{method="Evaluate"}"#,
+            10.0,
+        ),
+        (
+            r#"xent_call_duration_seconds_count{method="EvaluateStream"}"#,
+            4.0,
+        ),
+        ("xent_request_rows_count", 10.0),
+        ("xent_request_rows_sum", 20.0),
+        ("xent_batch_requests_sum", 10.0),
+        ("xent_batch_rows_sum", 20.0),
+        (
+            "sum(xent_batches_total) - sum(xent_batch_requests_count)",
+            0.0,
+        ),
+        ("xent_queue_wait_seconds_count", 10.0),
+        ("xent_compute_seconds_count", 10.0),
+        ("xent_elements_computed_total", 60.0),
+        ("xent_calls_in_flight", 0.0),
+        ("xent_queue_requests", 0.0),
+        ("xent_queue_bytes", 0.0),
+        (
+            &format!(
+                r#"xent_build_info{{version="{}",features=~".+"}}"#,
+                env!("CARGO_PKG_VERSION")
+            ),
+            1.0,
+        ),
+        // The recording rules see the calls too.
+        (
+            r#"instance_method_code:xent_calls:rate5m{method="Evaluate",code="OK"} > bool 0"#,
+            1.0,
+        ),
+        (r#"job:xent_call_errors:ratio_rate5m{job="xentd"}"#, 0.0),
+    ];
+    loop {
+        let got: Vec<Option<f64>> = want.iter().map(|(q, _)| scalar(web, q)).collect();
+        let wrong: Vec<String> = want
+            .iter()
+            .zip(&got)
+            .filter(|((_, w), g)| **g != Some(*w))
+            .map(|((q, w), g)| format!("{q}: want {w}, got {g:?}"))
+            .collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never showed the calls made:\n{}\nits log:\n{}",
+            wrong.join("\n"),
+            tail(prom_log)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        query(web, "xent_batches_total")
+            .iter()
+            .all(|s| s["metric"]["reason"].is_string()),
+        "every batch counted with its close reason"
+    );
+
+    // Every rule of deploy/prometheus/alerts.yml evaluates without error on real series, and
+    // none fires on this healthy replica.
+    loop {
+        let groups = api(web, "/api/v1/rules")["groups"].clone();
+        let rules: Vec<Value> = groups
+            .as_array()
+            .expect("rule groups")
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        assert!(rules.len() >= 10, "the rules are loaded: {groups}");
+        let broken: Vec<&Value> = rules.iter().filter(|r| r["health"] == "err").collect();
+        assert!(broken.is_empty(), "rules fail to evaluate: {broken:?}");
+        if rules.iter().all(|r| r["health"] == "ok") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rules never evaluated: {rules:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let alerts = api(web, "/api/v1/alerts")["alerts"].clone();
+    assert_eq!(
+        alerts,
+        Value::Array(vec![]),
+        "no alert on a healthy replica"
+    );
+
+    // Every query of the dashboard, with its variables filled in, is valid PromQL.
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("dashboard")).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "dashboard queries: {exprs:?}");
+    for expr in &exprs {
+        let q = expr
+            .replace("$job", "xentd")
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "1m");
+        query(web, &q);
+    }
+    // The calls panel through the recording rule: one series per method and code, once each
+    // has two samples.
+    let panel = r#"sum by (method, code) (instance_method_code:xent_calls:rate5m{job=~"xentd",instance=~".*"})"#;
+    loop {
+        let series = query(web, panel);
+        if series.len() == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the calls panel never showed 4 series: {series:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // promtool accepts the exposition exactly as served, lint included.
+    let (status, body) = get(metrics, "/metrics").expect("scrape /metrics");
+    assert_eq!(status, 200, "{body}");
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {:?}\n{said}\non:\n{body}",
+        out.status
+    );
+}
+
+/// The `expr` of every panel target.
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
