@@ -578,7 +578,7 @@ fn output<T: FloatElement>(
             )));
         }
     }
-    let array = ArrayD::from_shape_vec(IxDyn(&shaped.shape), shaped.data.as_slice().to_vec())
+    let array = ArrayD::from_shape_vec(IxDyn(&shaped.shape), shaped.data.slice().into_owned())
         .map_err(|e| ClientError::Response(format!("{name}: {e}")))?;
     Ok(Some(array))
 }
@@ -682,7 +682,7 @@ mod tests {
         let AnyTensor::I32(labels) = decode(p.labels).unwrap() else {
             panic!("int32 labels")
         };
-        assert_eq!(labels.data.as_slice(), &[1, 2]);
+        assert_eq!(&*labels.data.slice(), &[1, 2]);
         assert_eq!(p.axis, Some(-1));
         assert_eq!(p.from_logits, Some(true));
         assert_eq!(p.reduction, proto::Reduction::Mean as i32);

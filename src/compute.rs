@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::dtype::Element;
 use crate::error::Error;
-use crate::eval::{Evaluated, Evaluation, Inputs, Labels, Outputs, Tensors};
+use crate::eval::{ClassIds, Evaluated, Evaluation, Inputs, Labels, Outputs, Tensors};
 use crate::kernel::{self, Grads, Loss, Problem, Upstream};
 
 /// A named rayon pool for kernel work.
@@ -99,9 +99,23 @@ pub fn evaluate(ev: &Evaluation) -> Result<Evaluated, Error> {
 fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error> {
     let layout = ev.layout;
     let n = layout.elements();
+    // Raw tensors are read in place where aligned; an unaligned one is copied here, on the
+    // compute thread.
+    let logits = t.logits.data.slice();
+    let (dense, ids32, ids64);
     let labels = match &t.labels {
-        Labels::Dense(y) => kernel::Labels::Dense(kernel::view3(y.data.as_slice(), layout)?),
-        Labels::Sparse(ids) => kernel::Labels::Sparse(ids.kernel()),
+        Labels::Dense(y) => {
+            dense = y.data.slice();
+            kernel::Labels::Dense(kernel::view3(&dense, layout)?)
+        }
+        Labels::Sparse(ClassIds::I32(ids)) => {
+            ids32 = ids.data.slice();
+            kernel::Labels::Sparse(kernel::ClassIds::I32(&ids32))
+        }
+        Labels::Sparse(ClassIds::I64(ids)) => {
+            ids64 = ids.data.slice();
+            kernel::Labels::Sparse(kernel::ClassIds::I64(&ids64))
+        }
     };
     let upstream = match (&ev.upstream, ev.options.reduction) {
         (None, _) => Upstream::Ones,
@@ -109,7 +123,7 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
         (Some(g), _) => Upstream::Scalar(g[0]),
     };
     let problem = Problem {
-        logits: kernel::view3(t.logits.data.as_slice(), layout)?,
+        logits: kernel::view3(&logits, layout)?,
         labels,
         options: ev.options,
         class_weights: ev.class_weights.as_deref(),

@@ -63,11 +63,11 @@ pub enum ClassIds {
 }
 
 impl ClassIds {
-    /// The ids as the kernel reads them.
-    pub fn kernel(&self) -> kernel::ClassIds<'_> {
+    /// Calls `f` with the ids as the kernel reads them.
+    pub fn with_kernel<R>(&self, f: impl FnOnce(kernel::ClassIds<'_>) -> R) -> R {
         match self {
-            ClassIds::I32(t) => kernel::ClassIds::I32(t.data.as_slice()),
-            ClassIds::I64(t) => kernel::ClassIds::I64(t.data.as_slice()),
+            ClassIds::I32(t) => f(kernel::ClassIds::I32(&t.data.slice())),
+            ClassIds::I64(t) => f(kernel::ClassIds::I64(&t.data.slice())),
         }
     }
 }

@@ -1,10 +1,14 @@
 //! Typed element buffers that may borrow the received gRPC frame.
 //!
-//! A request's `raw_data` arrives as a [`bytes::Bytes`] slice of the frame tonic decoded. When
-//! the slice is aligned for the element type (and the host is little-endian), [`Buf`] reads it
-//! in place; otherwise it copies once into an aligned `Vec`. Outputs go the other way:
-//! [`vec_into_bytes`] hands a computed `Vec<T>` to the encoder without copying it.
+//! A request's `raw_data` arrives as a [`bytes::Bytes`] slice of the message tonic received
+//! (prost takes it out of the message without copying). [`Buf`] keeps it as it came: where the
+//! slice is aligned for the element type, [`Buf::slice`] reads it in place; where it is not (its
+//! offset in the message is whatever the protobuf framing made it), `slice` copies it once into
+//! an aligned buffer, on whichever thread asks, which for tensors is the compute pool, never
+//! the async runtime. Outputs go the other way: [`vec_into_bytes`] hands a computed `Vec<T>`
+//! to the encoder without copying it.
 
+use std::borrow::Cow;
 use std::marker::PhantomData;
 
 use bytemuck::Pod;
@@ -18,7 +22,7 @@ pub struct Buf<T: Pod> {
 
 #[derive(Clone, Debug)]
 enum Repr<T: Pod> {
-    /// Aligned little-endian bytes whose length is a multiple of `size_of::<T>()`.
+    /// Little-endian bytes as received, a whole number of elements, aligned or not.
     Shared(Bytes, PhantomData<T>),
     Owned(Vec<T>),
 }
@@ -33,7 +37,7 @@ pub struct RaggedBytes {
 }
 
 impl<T: Pod> Buf<T> {
-    /// Reads little-endian elements, in place when alignment and byte order allow.
+    /// Takes little-endian elements as received; nothing is copied on a little-endian host.
     pub fn from_le_bytes(bytes: Bytes) -> Result<Self, RaggedBytes> {
         let size = std::mem::size_of::<T>();
         if bytes.len() % size != 0 {
@@ -42,20 +46,13 @@ impl<T: Pod> Buf<T> {
                 elem_size: size,
             });
         }
-        let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
-        if cfg!(target_endian = "little") && aligned {
+        if cfg!(target_endian = "little") {
             return Ok(Buf {
                 repr: Repr::Shared(bytes, PhantomData),
             });
         }
-        let mut out: Vec<T> = vec![T::zeroed(); bytes.len() / size];
-        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-        dst.copy_from_slice(&bytes);
-        if cfg!(target_endian = "big") {
-            dst.chunks_exact_mut(size).for_each(<[u8]>::reverse);
-        }
         Ok(Buf {
-            repr: Repr::Owned(out),
+            repr: Repr::Owned(copy_le(&bytes)),
         })
     }
 
@@ -66,17 +63,24 @@ impl<T: Pod> Buf<T> {
         }
     }
 
-    /// The elements.
-    pub fn as_slice(&self) -> &[T] {
+    /// The elements: borrowed where they can be read in place, else copied once into an
+    /// aligned buffer.
+    pub fn slice(&self) -> Cow<'_, [T]> {
         match &self.repr {
-            Repr::Shared(b, _) => bytemuck::cast_slice(b),
-            Repr::Owned(v) => v,
+            Repr::Owned(v) => Cow::Borrowed(v),
+            Repr::Shared(b, _) => match bytemuck::try_cast_slice(b) {
+                Ok(s) => Cow::Borrowed(s),
+                Err(_) => Cow::Owned(copy_le(b)),
+            },
         }
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.as_slice().len()
+        match &self.repr {
+            Repr::Owned(v) => v.len(),
+            Repr::Shared(b, _) => b.len() / std::mem::size_of::<T>(),
+        }
     }
 
     /// Whether there are no elements.
@@ -84,10 +88,25 @@ impl<T: Pod> Buf<T> {
         self.len() == 0
     }
 
-    /// Whether the elements are read in place from received bytes (no copy was made).
+    /// Whether the elements are read in place from received bytes (no copy is made).
     pub fn is_borrowed(&self) -> bool {
-        matches!(self.repr, Repr::Shared(..))
+        match &self.repr {
+            Repr::Shared(b, _) => bytemuck::try_cast_slice::<u8, T>(b).is_ok(),
+            Repr::Owned(_) => false,
+        }
     }
+}
+
+/// Little-endian bytes (a whole number of elements) into an aligned `Vec`.
+fn copy_le<T: Pod>(bytes: &[u8]) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    let mut out: Vec<T> = vec![T::zeroed(); bytes.len() / size];
+    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+    dst.copy_from_slice(bytes);
+    if cfg!(target_endian = "big") {
+        dst.chunks_exact_mut(size).for_each(<[u8]>::reverse);
+    }
+    out
 }
 
 /// The bytes of a `Vec<T>` as little-endian [`Bytes`], without a copy on little-endian hosts.
@@ -119,18 +138,20 @@ mod tests {
         let bytes = vec_into_bytes(vec![1.5f32, -2.0, 3.25]);
         let buf = Buf::<f32>::from_le_bytes(bytes).unwrap();
         assert!(buf.is_borrowed());
-        assert_eq!(buf.as_slice(), &[1.5, -2.0, 3.25]);
+        assert!(matches!(buf.slice(), Cow::Borrowed(_)));
+        assert_eq!(&*buf.slice(), &[1.5, -2.0, 3.25]);
     }
 
     #[test]
-    fn unaligned_bytes_are_copied_once() {
+    fn unaligned_bytes_are_copied_when_read() {
         let mut raw = vec![0u8];
         raw.extend_from_slice(&7.0f64.to_le_bytes());
         raw.extend_from_slice(&(-1.0f64).to_le_bytes());
         let bytes = Bytes::from(raw).slice(1..);
         let buf = Buf::<f64>::from_le_bytes(bytes).unwrap();
         assert!(!buf.is_borrowed());
-        assert_eq!(buf.as_slice(), &[7.0, -1.0]);
+        assert!(matches!(buf.slice(), Cow::Owned(_)));
+        assert_eq!(&*buf.slice(), &[7.0, -1.0]);
     }
 
     #[test]

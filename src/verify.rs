@@ -138,12 +138,11 @@ fn widen<T: Element>(x: &[T]) -> Vec<f64> {
 fn problem<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> RefProblem {
     RefProblem {
         shape: ev.shape.clone(),
-        logits: widen(t.logits.data.as_slice()),
+        logits: widen(&t.logits.data.slice()),
         labels: match &t.labels {
-            Labels::Dense(y) => RefLabels::Dense(widen(y.data.as_slice())),
+            Labels::Dense(y) => RefLabels::Dense(widen(&y.data.slice())),
             Labels::Sparse(ids) => {
-                let k = ids.kernel();
-                RefLabels::Ids((0..k.len()).map(|r| k.get(r)).collect())
+                RefLabels::Ids(ids.with_kernel(|k| (0..k.len()).map(|r| k.get(r)).collect()))
             }
         },
         options: ev.options,

@@ -350,7 +350,7 @@ fn sparse_inputs(
         position,
         value,
         classes,
-    }) = kernel::check_class_ids(ids.kernel(), classes, ignore_index)
+    }) = ids.with_kernel(|k| kernel::check_class_ids(k, classes, ignore_index))
     {
         let index = unravel(position, loss_shape);
         let ignore = ignore_index

@@ -75,9 +75,9 @@ pub struct Shaped<T: Pod> {
 }
 
 impl<T: Pod> Shaped<T> {
-    /// The elements as an n-dimensional view.
-    pub fn view(&self) -> ndarray::ArrayViewD<'_, T> {
-        ndarray::ArrayViewD::from_shape(ndarray::IxDyn(&self.shape), self.data.as_slice())
+    /// The elements as an owned n-dimensional array.
+    pub fn to_array(&self) -> ndarray::ArrayD<T> {
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&self.shape), self.data.slice().into_owned())
             .expect("shape and length are checked at decode")
     }
 }
@@ -128,7 +128,7 @@ impl AnyTensor {
     /// `None` for integer tensors.
     pub fn floats_to_f64(&self) -> Option<Vec<f64>> {
         fn widen<T: Pod + Into<f64>>(t: &Shaped<T>) -> Vec<f64> {
-            t.data.as_slice().iter().map(|&v| v.into()).collect()
+            t.data.slice().iter().map(|&v| v.into()).collect()
         }
         Some(match self {
             AnyTensor::F16(t) => widen(t),
@@ -357,7 +357,7 @@ mod tests {
                 panic!("dtype")
             };
             assert_eq!(s.shape, vec![2, 2]);
-            assert_eq!(s.data.as_slice(), &[1.0, 2.0, 3.0, 4.0]);
+            assert_eq!(&*s.data.slice(), &[1.0, 2.0, 3.0, 4.0]);
         }
         let t = encode(&[3], vec![bf16::from_f32(0.5); 3], false);
         assert_eq!(decode(Some(t)).unwrap().dtype(), DType::BF16);

@@ -138,13 +138,21 @@ pub enum KernelError {
 }
 
 /// Finds the first class id outside `[0, classes)` that is not `ignore_index`.
-pub fn check_class_ids(ids: ClassIds<'_>, classes: usize, ignore_index: Option<i64>) -> Result<(), KernelError> {
+pub fn check_class_ids(
+    ids: ClassIds<'_>,
+    classes: usize,
+    ignore_index: Option<i64>,
+) -> Result<(), KernelError> {
     let bad = (0..ids.len()).find(|&r| {
         let v = ids.get(r);
         Some(v) != ignore_index && !(0..classes as i64).contains(&v)
     });
     match bad {
-        Some(position) => Err(KernelError::ClassIdOutOfRange { position, value: ids.get(position), classes }),
+        Some(position) => Err(KernelError::ClassIdOutOfRange {
+            position,
+            value: ids.get(position),
+            classes,
+        }),
         None => Ok(()),
     }
 }
@@ -153,9 +161,16 @@ pub fn check_class_ids(ids: ClassIds<'_>, classes: usize, ignore_index: Option<i
 const BLOCK_ELEMENTS: usize = 1 << 15;
 
 /// Evaluates the loss, writing the requested gradients into `grads`.
-pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Result<Loss, KernelError> {
+pub fn evaluate<T: Element>(
+    problem: &Problem<'_, T>,
+    grads: Grads<'_, T>,
+) -> Result<Loss, KernelError> {
     let (outer, classes, inner) = problem.logits.dim();
-    let layout = Layout { outer, classes, inner };
+    let layout = Layout {
+        outer,
+        classes,
+        inner,
+    };
     let rows = layout.rows();
     check(problem, &grads, layout)?;
     let opts = &problem.options;
@@ -187,7 +202,12 @@ pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Re
     let block_outer = BLOCK_ELEMENTS.div_ceil((classes * inner).max(1)).max(1);
     let blocks = split_blocks(outer, block_outer, inner, &mut losses, grads);
     let run = |b: Block<'_, '_, T>| {
-        let Block { first_outer, losses, mut grad_logits, mut grad_labels } = b;
+        let Block {
+            first_outer,
+            losses,
+            mut grad_logits,
+            mut grad_labels,
+        } = b;
         for (k, loss) in losses.iter_mut().enumerate() {
             let (o, i) = (first_outer + k / inner, k % inner);
             let r = o * inner + i;
@@ -217,26 +237,48 @@ pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Re
 }
 
 /// The unweighted loss of row `(o, i)`, writing its gradients.
-fn row_loss<T: Element>(p: &Problem<'_, T>, layout: Layout, o: usize, i: usize, r: usize, grads: RowGrads<'_, T>) -> f64 {
+fn row_loss<T: Element>(
+    p: &Problem<'_, T>,
+    layout: Layout,
+    o: usize,
+    i: usize,
+    r: usize,
+    grads: RowGrads<'_, T>,
+) -> f64 {
     let x = p.logits.slice(ndarray::s![o, .., i]);
     let opts = &p.options;
     let c = layout.classes as f64;
     let (keep, add) = (1.0 - opts.label_smoothing, opts.label_smoothing / c);
     match p.labels {
         Labels::Dense(y) => {
-            let lab = DenseRow { y: y.slice(ndarray::s![o, .., i]), keep, add, class_weights: p.class_weights };
+            let lab = DenseRow {
+                y: y.slice(ndarray::s![o, .., i]),
+                keep,
+                add,
+                class_weights: p.class_weights,
+            };
             dispatch(x, &lab, opts, grads)
         }
         Labels::Sparse(ids) => {
             let target = ids.get(r) as usize;
             let wt = p.class_weights.map_or(1.0, |w| w[target]);
-            let lab = SparseRow { target, keep_wt: keep * wt, add, class_weights: p.class_weights };
+            let lab = SparseRow {
+                target,
+                keep_wt: keep * wt,
+                add,
+                class_weights: p.class_weights,
+            };
             dispatch(x, &lab, opts, grads)
         }
     }
 }
 
-fn dispatch<T: Element, L: LabelRow>(x: ArrayView1<'_, T>, lab: &L, opts: &Options, grads: RowGrads<'_, T>) -> f64 {
+fn dispatch<T: Element, L: LabelRow>(
+    x: ArrayView1<'_, T>,
+    lab: &L,
+    opts: &Options,
+    grads: RowGrads<'_, T>,
+) -> f64 {
     if opts.from_logits {
         logits_row(x, lab, opts.z_loss, grads)
     } else {
@@ -311,8 +353,12 @@ fn check<T>(p: &Problem<'_, T>, grads: &Grads<'_, T>, layout: Layout) -> Result<
         return Err(KernelError::Inconsistent("no classes"));
     }
     match p.labels {
-        Labels::Dense(y) if y.dim() != dims => return Err(KernelError::Inconsistent("labels shape")),
-        Labels::Sparse(ids) if ids.len() != rows => return Err(KernelError::Inconsistent("class ids length")),
+        Labels::Dense(y) if y.dim() != dims => {
+            return Err(KernelError::Inconsistent("labels shape"));
+        }
+        Labels::Sparse(ids) if ids.len() != rows => {
+            return Err(KernelError::Inconsistent("class ids length"));
+        }
         Labels::Sparse(ids) => check_class_ids(ids, layout.classes, p.options.ignore_index)?,
         Labels::Dense(_) => {}
     }
@@ -327,11 +373,15 @@ fn check<T>(p: &Problem<'_, T>, grads: &Grads<'_, T>, layout: Layout) -> Result<
     {
         return Err(KernelError::Inconsistent("upstream shape"));
     }
-    if grads.logits.as_ref().is_some_and(|g| g.dim() != dims) || grads.labels.as_ref().is_some_and(|g| g.dim() != dims) {
+    if grads.logits.as_ref().is_some_and(|g| g.dim() != dims)
+        || grads.labels.as_ref().is_some_and(|g| g.dim() != dims)
+    {
         return Err(KernelError::Inconsistent("gradient buffer shape"));
     }
     if grads.labels.is_some() && matches!(p.labels, Labels::Sparse(_)) {
-        return Err(KernelError::Inconsistent("no labels gradient for class ids"));
+        return Err(KernelError::Inconsistent(
+            "no labels gradient for class ids",
+        ));
     }
     Ok(())
 }

@@ -157,7 +157,11 @@ pub(super) fn logits_row<T: Element, L: LabelRow>(
             // logit: 0 * log 0 = 0, as for the loss itself (spec Deviation 4).
             let dy = labels.dy(j);
             let log_softmax = (v.load() - m).into() - log_s;
-            *out = T::from_f64(if dy == 0.0 { 0.0 } else { -scale * dy * log_softmax });
+            *out = T::from_f64(if dy == 0.0 {
+                0.0
+            } else {
+                -scale * dy * log_softmax
+            });
         }
     }
     loss

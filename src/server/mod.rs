@@ -131,13 +131,8 @@ impl Server {
                 let _ = stop_tx.send(());
             }
         };
-        let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .max_concurrent_streams(settings.max_concurrent_streams)
+        let server = transport(&settings)
             .layer(arrival::ArrivalLayer)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(1 << 20)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -171,6 +166,18 @@ impl Server {
         );
         result
     }
+}
+
+/// The HTTP/2 transport every xent service runs on: windows sized for multi-MiB tensors,
+/// large frames, no Nagle delay, and the per-connection stream limit. Public so benchmarks
+/// can measure other services on exactly this stack.
+pub fn transport(settings: &Settings) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(1 << 20)
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
