@@ -14,6 +14,15 @@
 //!   type, after checking every returned tensor's dtype and shape against the request: a
 //!   malformed response is a [`ClientError::Response`], never a panic.
 //!
+//! - [`Client::connect_many`] balances calls over several servers: a static list of
+//!   addresses, or DNS names re-resolved every [`ClientConfig::resolve_interval`] (a
+//!   Kubernetes headless Service gives one A record per ready pod), each address one HTTP/2
+//!   connection, calls spread by tonic's power-of-two-choices balancer.
+//! - Calls answered UNAVAILABLE (a server draining, a connection lost, a replica shedding
+//!   load) are retried with exponential backoff and full jitter, at most
+//!   [`RetryPolicy::max_attempts`] times and never past the call's deadline: the request is
+//!   the same bytes each time, and evaluation has no side effects, so a retry is always safe.
+//!
 //! Callers who build protobuf messages themselves use [`Client::evaluate_raw`] and
 //! [`Client::evaluate_stream`]; [`EvalRequest::to_proto`] and [`EvalRequest::decode_response`]
 //! bridge the two worlds, e.g. to pipeline ndarray batches over one stream.
@@ -36,12 +45,16 @@
 //! # }
 //! ```
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::Stream;
 use ndarray::{ArrayD, ArrayView, Dimension, IxDyn};
+use tokio::time::Instant;
 use tonic::codec::Streaming;
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
@@ -77,6 +90,56 @@ pub struct ClientConfig {
     /// Initial HTTP/2 connection window, in bytes (when `adaptive_window` is off). Default
     /// 64 MiB, room for several concurrent streams of `stream_window_bytes`.
     pub connection_window_bytes: u32,
+    /// How calls answered UNAVAILABLE are retried.
+    pub retry: RetryPolicy,
+    /// [`Client::connect_many`]: how often DNS names are resolved again, so replicas that
+    /// come and go behind one name are picked up and dropped. Default 30 s.
+    pub resolve_interval: Duration,
+}
+
+/// Retries of calls answered `UNAVAILABLE`: exponential backoff with full jitter (each wait
+/// is uniform in `[0, backoff]`, the backoff doubling from `initial_backoff` up to
+/// `max_backoff`), so many clients of a restarting server do not return in lockstep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; 1 disables retries. Default 4.
+    pub max_attempts: u32,
+    /// Backoff before the first retry. Default 50 ms.
+    pub initial_backoff: Duration,
+    /// Largest backoff. Default 2 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff before retry number `retry` (1 for the first), before jitter.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let factor = 2f64.powi(retry.saturating_sub(1).min(30) as i32);
+        self.initial_backoff.mul_f64(factor).min(self.max_backoff)
+    }
+}
+
+/// A uniform draw in `[0, 1)` from the clock and a counter: jitter needs spread, not quality.
+fn jitter() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let mut z = nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Default for ClientConfig {
@@ -88,6 +151,8 @@ impl Default for ClientConfig {
             adaptive_window: false,
             stream_window_bytes: 16 * MIB as u32,
             connection_window_bytes: 64 * MIB as u32,
+            retry: RetryPolicy::default(),
+            resolve_interval: Duration::from_secs(30),
         }
     }
 }
@@ -104,6 +169,9 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// [`Client::connect_many`] got no endpoint, or a name that does not resolve.
+    #[error("cannot resolve {0}")]
+    Resolve(String),
     /// The server (or the transport) answered with a gRPC error status.
     #[error("{}", status_line(.0))]
     Status(#[from] Status),
@@ -188,6 +256,7 @@ pub struct Client {
     xent: XentClient<Channel>,
     health: HealthClient<Channel>,
     timeout: Option<Duration>,
+    retry: RetryPolicy,
 }
 
 impl Client {
@@ -207,19 +276,53 @@ impl Client {
             endpoint: uri.clone(),
             source,
         };
-        let mut ep = Endpoint::from_shared(uri.clone())
-            .map_err(connect_error)?
-            .tcp_nodelay(true);
-        if let Some(t) = config.connect_timeout {
-            ep = ep.connect_timeout(t);
-        }
-        ep = if config.adaptive_window {
-            ep.http2_adaptive_window(true)
-        } else {
-            ep.initial_stream_window_size(config.stream_window_bytes)
-                .initial_connection_window_size(config.connection_window_bytes)
-        };
+        let ep = tuned_endpoint(&uri, &config).map_err(connect_error)?;
         let channel = ep.connect().await.map_err(connect_error)?;
+        Ok(Self::from_channel(channel, &config))
+    }
+
+    /// Connects to several servers and balances calls over them. Each entry is `host:port`
+    /// (or `http://host:port`); a host name is resolved now and again every
+    /// `config.resolve_interval`, and every address it resolves to becomes an endpoint, so
+    /// one headless-Service name reaches every replica. Connections are made lazily; an
+    /// entry that does not resolve at first is an error, as is an empty list.
+    pub async fn connect_many(
+        endpoints: &[impl AsRef<str>],
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let targets: Vec<String> = endpoints
+            .iter()
+            .map(|e| {
+                let uri = endpoint_uri(e.as_ref());
+                uri.split_once("://")
+                    .map(|(_, rest)| rest.trim_end_matches('/').to_string())
+                    .unwrap_or(uri)
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(ClientError::Resolve("an empty list of endpoints".into()));
+        }
+        let mut first = HashSet::new();
+        for t in &targets {
+            let found = resolve(t)
+                .await
+                .map_err(|e| ClientError::Resolve(format!("{t}: {e}")))?;
+            first.extend(found);
+        }
+        let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
+        let mut known = HashSet::new();
+        for addr in first {
+            let ep = tuned_endpoint(&format!("http://{addr}"), &config).map_err(|source| {
+                ClientError::Connect {
+                    endpoint: addr.to_string(),
+                    source,
+                }
+            })?;
+            if changes.send(Change::Insert(addr, ep)).await.is_ok() {
+                known.insert(addr);
+            }
+        }
+        tokio::spawn(re_resolve(targets, known, changes, config.clone()));
         Ok(Self::from_channel(channel, &config))
     }
 
@@ -236,6 +339,7 @@ impl Client {
             xent,
             health,
             timeout: config.timeout,
+            retry: config.retry.clone(),
         }
     }
 
@@ -271,15 +375,42 @@ impl Client {
         request.decode_response(response)
     }
 
-    /// Sends a protobuf request as is and returns the protobuf response.
+    /// Sends a protobuf request as is and returns the protobuf response, retrying
+    /// UNAVAILABLE answers as the [`RetryPolicy`] says, within the deadline.
     pub async fn evaluate_raw(
         &mut self,
         request: proto::EvaluateRequest,
     ) -> Result<proto::EvaluateResponse, Status> {
-        let request = self.request(request);
-        match self.xent.evaluate(request).await {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.deadline(status)),
+        let started = Instant::now();
+        let mut attempt = 1;
+        loop {
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(t) = self.timeout {
+                // Every attempt gets what is left of the call's deadline.
+                match t.checked_sub(started.elapsed()) {
+                    Some(left) if !left.is_zero() => call.set_timeout(left),
+                    _ => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "no answer within the timeout of {t:?}"
+                        )));
+                    }
+                }
+            }
+            let status = match self.xent.evaluate(call).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => self.deadline(status),
+            };
+            if status.code() != Code::Unavailable || attempt >= self.retry.max_attempts {
+                return Err(status);
+            }
+            let wait = self.retry.backoff(attempt).mul_f64(jitter());
+            if let Some(t) = self.timeout
+                && started.elapsed() + wait >= t
+            {
+                return Err(status);
+            }
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
     }
 
@@ -307,6 +438,74 @@ impl Client {
         };
         ServingStatus::try_from(status)
             .map_err(|_| ClientError::Response(format!("unknown serving status {status}")))
+    }
+}
+
+/// An endpoint with the connection settings of `config`.
+fn tuned_endpoint(uri: &str, config: &ClientConfig) -> Result<Endpoint, tonic::transport::Error> {
+    let mut ep = Endpoint::from_shared(uri.to_string())?.tcp_nodelay(true);
+    if let Some(t) = config.connect_timeout {
+        ep = ep.connect_timeout(t);
+    }
+    Ok(if config.adaptive_window {
+        ep.http2_adaptive_window(true)
+    } else {
+        ep.initial_stream_window_size(config.stream_window_bytes)
+            .initial_connection_window_size(config.connection_window_bytes)
+    })
+}
+
+/// The addresses `host:port` stands for (an IP literal stands for itself).
+async fn resolve(target: &str) -> std::io::Result<Vec<SocketAddr>> {
+    Ok(tokio::net::lookup_host(target).await?.collect())
+}
+
+/// Resolves `targets` every `config.resolve_interval` and tells the balancer which addresses
+/// appeared and which went away. A failed lookup keeps that name's last answer (a DNS hiccup
+/// must not empty the pool). Ends when the client, and with it the balancer, is dropped.
+async fn re_resolve(
+    targets: Vec<String>,
+    mut known: HashSet<SocketAddr>,
+    changes: tokio::sync::mpsc::Sender<Change<SocketAddr, Endpoint>>,
+    config: ClientConfig,
+) {
+    let mut last: Vec<Option<Vec<SocketAddr>>> = vec![None; targets.len()];
+    loop {
+        tokio::time::sleep(config.resolve_interval).await;
+        if changes.is_closed() {
+            return;
+        }
+        let mut now = HashSet::new();
+        for (t, previous) in targets.iter().zip(last.iter_mut()) {
+            match resolve(t).await {
+                Ok(found) => {
+                    now.extend(found.iter().copied());
+                    *previous = Some(found);
+                }
+                Err(e) => {
+                    tracing::warn!(target = %t, error = %e, "re-resolving failed; keeping the last addresses");
+                    match previous {
+                        Some(found) => now.extend(found.iter().copied()),
+                        None => now.extend(known.iter().copied()),
+                    }
+                }
+            }
+        }
+        for gone in known.difference(&now).copied().collect::<Vec<_>>() {
+            if changes.send(Change::Remove(gone)).await.is_err() {
+                return;
+            }
+            known.remove(&gone);
+        }
+        for new in now.difference(&known).copied().collect::<Vec<_>>() {
+            let Ok(ep) = tuned_endpoint(&format!("http://{new}"), &config) else {
+                continue;
+            };
+            if changes.send(Change::Insert(new, ep)).await.is_err() {
+                return;
+            }
+            known.insert(new);
+        }
     }
 }
 

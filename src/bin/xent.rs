@@ -20,6 +20,7 @@ use half::{bf16, f16};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyError, ReadNpyExt};
 use tonic_health::pb::health_check_response::ServingStatus;
+use xent::bench::{BenchArgs, BenchConfig};
 use xent::client::{Client, ClientConfig, EvalRequest, EvalResult, FloatElement};
 use xent::dtype::{DType, Element};
 use xent::eval::{LossKind, Options, Reduction, Wanted};
@@ -35,15 +36,18 @@ type Failure = String;
     propagate_version = true
 )]
 struct Cli {
-    /// Address of xentd: HOST:PORT or a URI such as http://HOST:PORT.
+    /// Address of xentd: HOST:PORT or a URI such as http://HOST:PORT. `bench` takes several
+    /// (repeat the flag or separate them with commas) and uses them round-robin; the other
+    /// commands use the first.
     #[arg(
         long,
         global = true,
         env = "XENT_ADDRESS",
         default_value = "127.0.0.1:50051",
-        value_name = "ADDRESS"
+        value_name = "ADDRESS",
+        value_delimiter = ','
     )]
-    address: String,
+    address: Vec<String>,
 
     /// Deadline of each call in seconds (sent to the server as grpc-timeout). Default: none.
     #[arg(long, global = true, value_name = "SECS", value_parser = parse_seconds)]
@@ -59,6 +63,9 @@ enum Command {
     Eval(Box<EvalArgs>),
     /// Ask the server's gRPC health service whether it is serving (exit 0 only when SERVING).
     Health(HealthArgs),
+    /// Load-test one or several servers: closed or open loop, latency percentiles, errors by
+    /// code, optional checking of answers against the float64 reference.
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -191,10 +198,13 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The load generator needs every core to keep up with a server; the other commands make
+    // one call.
+    let mut builder = match cli.command {
+        Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
@@ -204,8 +214,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Eval(args) => eval(&cli.address, config, *args).await,
-            Command::Health(args) => health(&cli.address, config, args).await,
+            Command::Eval(args) => eval(&cli.address[0], config, *args).await,
+            Command::Health(args) => health(&cli.address[0], config, args).await,
+            Command::Bench(args) => bench(cli.address, cli.timeout, *args).await,
         }
     });
     match result {
@@ -219,6 +230,32 @@ fn fail(message: Failure) -> ExitCode {
     let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
     eprintln!("error: {line}");
     ExitCode::FAILURE
+}
+
+async fn bench(
+    addresses: Vec<String>,
+    timeout: Option<Duration>,
+    args: BenchArgs,
+) -> Result<ExitCode, Failure> {
+    let (json, plot) = (args.json, args.plot.clone());
+    let report = xent::bench::run(BenchConfig {
+        addresses,
+        timeout,
+        args,
+        progress: true,
+    })
+    .await?;
+    if let Some(path) = plot {
+        std::fs::write(&path, report.svg())
+            .map_err(|e| format!("--plot {}: {e}", path.display()))?;
+    }
+    if json {
+        let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        println!("{line}");
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn health(

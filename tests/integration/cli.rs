@@ -445,3 +445,86 @@ async fn library_client_f32_sparse_and_stream() {
     }
     assert!(stream.next().await.is_none(), "one answer per request");
 }
+
+/// Two servers whose batchers count what they computed.
+async fn counted_server() -> (
+    std::net::SocketAddr,
+    xent::batcher::Batcher,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), xent::error::Error>>,
+) {
+    let server = xent::server::Server::new(xent::config::Settings::default())
+        .await
+        .expect("server");
+    let batcher = server.batcher().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    let mut c = Client::connect(addr.to_string()).await.expect("connect");
+    for _ in 0..500 {
+        if c.health("").await.ok() == Some(ServingStatus::Serving) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    (addr, batcher, tx, task)
+}
+
+fn computed(b: &xent::batcher::Batcher) -> u64 {
+    b.stats()
+        .computed_requests
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn balanced_client_spreads_calls_and_survives_a_server_stopping() {
+    let (a, batcher_a, stop_a, task_a) = counted_server().await;
+    let (b, batcher_b, _stop_b, _task_b) = counted_server().await;
+    let config = xent::client::ClientConfig {
+        timeout: Some(std::time::Duration::from_secs(20)),
+        ..Default::default()
+    };
+    // One address as an IP literal, the other as a name that resolves to it.
+    let endpoints = [a.to_string(), format!("localhost:{}", b.port())];
+    let client = Client::connect_many(&endpoints, config)
+        .await
+        .expect("connect_many");
+    let (x, y) = (logits().into_dyn(), onehot().into_dyn());
+    let request = EvalRequest::dense(x.view(), y.view());
+    let calls = |n: usize| {
+        let (client, request) = (client.clone(), request.clone());
+        async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let (mut c, r) = (client.clone(), request.clone());
+                    tokio::spawn(async move { c.evaluate(r).await })
+                })
+                .collect();
+            for t in tasks {
+                let out = t.await.unwrap().expect("every call succeeds");
+                assert_eq!(out.loss.unwrap().shape(), &[2]);
+            }
+        }
+    };
+    calls(64).await;
+    let (na, nb) = (computed(&batcher_a), computed(&batcher_b));
+    assert_eq!(na + nb, 64, "every call computed once: {na} + {nb}");
+    assert!(na > 0 && nb > 0, "both servers get traffic: {na} and {nb}");
+
+    let _ = stop_a.send(());
+    task_a.await.unwrap().unwrap();
+    calls(32).await;
+    assert_eq!(
+        computed(&batcher_b),
+        nb + 32,
+        "the survivor answers everything after the stop"
+    );
+
+    let e = Client::connect_many(&["no-such-host.invalid:1"], Default::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Resolve(_)), "{e}");
+}

@@ -1,5 +1,7 @@
 //! The integration tests: one binary, each module against a real xentd on a real socket.
 
+// The load generator, `xent bench`.
+mod bench;
 // The xent CLI and the Rust client library.
 mod cli;
 mod common;
