@@ -29,7 +29,9 @@ impl ComputePool {
             .thread_name(|i| format!("xent-compute-{i}"))
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the compute pool: {e}")))?;
-        Ok(ComputePool { pool: Arc::new(pool) })
+        Ok(ComputePool {
+            pool: Arc::new(pool),
+        })
     }
 
     /// Number of threads.
@@ -38,17 +40,25 @@ impl ComputePool {
     }
 
     /// Runs `f` on the pool and awaits its result.
-    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> Result<R, Error> + Send + 'static) -> Result<R, Error> {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<R, Error> + Send + 'static,
+    ) -> Result<R, Error> {
         let (tx, rx) = oneshot::channel();
         let span = tracing::Span::current();
         self.pool.spawn(move || {
             let _entered = span.enter();
-            let result = catch_unwind(AssertUnwindSafe(f))
-                .unwrap_or_else(|panic| Err(Error::Internal(format!("kernel panicked: {}", panic_message(&panic)))));
+            let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+                Err(Error::Internal(format!(
+                    "kernel panicked: {}",
+                    panic_message(&panic)
+                )))
+            });
             // The receiver is gone when the caller went away; nothing to do then.
             let _ = tx.send(result);
         });
-        rx.await.map_err(|_| Error::Internal("compute pool dropped the call".into()))?
+        rx.await
+            .map_err(|_| Error::Internal("compute pool dropped the call".into()))?
     }
 
     /// Evaluates a request on the pool.
@@ -97,15 +107,25 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
     let mut grad_logits = ev.wanted.grad_logits.then(|| vec![T::zeroed(); n]);
     let mut grad_labels = ev.wanted.grad_labels.then(|| vec![T::zeroed(); n]);
     let grads = Grads {
-        logits: grad_logits.as_deref_mut().map(|g| kernel::view3_mut(g, layout)).transpose()?,
-        labels: grad_labels.as_deref_mut().map(|g| kernel::view3_mut(g, layout)).transpose()?,
+        logits: grad_logits
+            .as_deref_mut()
+            .map(|g| kernel::view3_mut(g, layout))
+            .transpose()?,
+        labels: grad_labels
+            .as_deref_mut()
+            .map(|g| kernel::view3_mut(g, layout))
+            .transpose()?,
     };
     let loss = kernel::evaluate(&problem, grads)?;
     let loss = ev.wanted.loss.then(|| match loss {
         Loss::PerExample(l) => l.into_iter().map(T::from_f64).collect(),
         Loss::Reduced(v) => vec![T::from_f64(v)],
     });
-    Ok(Outputs { loss, grad_logits, grad_labels })
+    Ok(Outputs {
+        loss,
+        grad_logits,
+        grad_labels,
+    })
 }
 
 /// The spec's worked example (semantics §9) as a request, used to warm the pool up.

@@ -65,7 +65,9 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Config::parse_from(["xentd"]).validate().expect("defaults are valid")
+        Config::parse_from(["xentd"])
+            .validate()
+            .expect("defaults are valid")
     }
 }
 
@@ -88,18 +90,34 @@ impl Config {
             ));
         }
         if self.stream_concurrency == 0 || self.stream_concurrency > 1024 {
-            return Err(format!("--stream-concurrency {} must be between 1 and 1024", self.stream_concurrency));
+            return Err(format!(
+                "--stream-concurrency {} must be between 1 and 1024",
+                self.stream_concurrency
+            ));
         }
-        if !(self.shutdown_grace_secs.is_finite() && (0.0..=3600.0).contains(&self.shutdown_grace_secs)) {
-            return Err(format!("--shutdown-grace-secs {} must be between 0 and 3600", self.shutdown_grace_secs));
+        if !(self.shutdown_grace_secs.is_finite()
+            && (0.0..=3600.0).contains(&self.shutdown_grace_secs))
+        {
+            return Err(format!(
+                "--shutdown-grace-secs {} must be between 0 and 3600",
+                self.shutdown_grace_secs
+            ));
         }
         if self.compute_threads > 1024 || self.io_threads > 1024 {
             return Err("--compute-threads and --io-threads must be at most 1024".into());
         }
         Ok(Settings {
             listen: self.listen,
-            compute_threads: if self.compute_threads == 0 { compute } else { self.compute_threads },
-            io_threads: if self.io_threads == 0 { io } else { self.io_threads },
+            compute_threads: if self.compute_threads == 0 {
+                compute
+            } else {
+                self.compute_threads
+            },
+            io_threads: if self.io_threads == 0 {
+                io
+            } else {
+                self.io_threads
+            },
             max_message_bytes: self.max_message_bytes,
             stream_concurrency: self.stream_concurrency,
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
@@ -120,11 +138,17 @@ mod tests {
 
     #[test]
     fn nonsense_is_refused_with_the_flag_named() {
-        let bad = |args: &[&str]| Config::parse_from([&["xentd"], args].concat()).validate().unwrap_err();
+        let bad = |args: &[&str]| {
+            Config::parse_from([&["xentd"], args].concat())
+                .validate()
+                .unwrap_err()
+        };
         assert!(bad(&["--max-message-bytes", "10"]).contains("--max-message-bytes"));
         assert!(bad(&["--stream-concurrency", "0"]).contains("--stream-concurrency"));
         assert!(bad(&["--shutdown-grace-secs=-1"]).contains("--shutdown-grace-secs"));
-        let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"]).validate().unwrap();
+        let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"])
+            .validate()
+            .unwrap();
         assert!(ok.max_message_bytes >= 256 * MIB);
     }
 }

@@ -61,9 +61,7 @@ impl fmt::Display for DType {
 }
 
 /// The float type a row is computed in: `f32` or `f64`.
-pub trait Calc:
-    num_traits::Float + Copy + Send + Sync + fmt::Debug + Into<f64> + 'static
-{
+pub trait Calc: num_traits::Float + Copy + Send + Sync + fmt::Debug + Into<f64> + 'static {
     /// Rounds an `f64` to this type.
     fn from_f64(v: f64) -> Self;
 }

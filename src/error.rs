@@ -47,7 +47,10 @@ pub enum Error {
 impl Error {
     /// An [`Error::InvalidArgument`] for `field`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
-        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// A stable label for logs and metrics.
@@ -101,9 +104,10 @@ impl Error {
                 message,
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
-            Error::ResourceExhausted(_) | Error::DeadlineExceeded(_) | Error::Cancelled | Error::Internal(_) => {
-                Status::new(code, message)
-            }
+            Error::ResourceExhausted(_)
+            | Error::DeadlineExceeded(_)
+            | Error::Cancelled
+            | Error::Internal(_) => Status::new(code, message),
         }
     }
 }

@@ -45,7 +45,11 @@ pub struct Wanted {
 
 impl Default for Wanted {
     fn default() -> Self {
-        Wanted { loss: true, grad_logits: true, grad_labels: false }
+        Wanted {
+            loss: true,
+            grad_logits: true,
+            grad_labels: false,
+        }
     }
 }
 

@@ -37,11 +37,16 @@ impl<T: Pod> Buf<T> {
     pub fn from_le_bytes(bytes: Bytes) -> Result<Self, RaggedBytes> {
         let size = std::mem::size_of::<T>();
         if bytes.len() % size != 0 {
-            return Err(RaggedBytes { len: bytes.len(), elem_size: size });
+            return Err(RaggedBytes {
+                len: bytes.len(),
+                elem_size: size,
+            });
         }
         let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
         if cfg!(target_endian = "little") && aligned {
-            return Ok(Buf { repr: Repr::Shared(bytes, PhantomData) });
+            return Ok(Buf {
+                repr: Repr::Shared(bytes, PhantomData),
+            });
         }
         let mut out: Vec<T> = vec![T::zeroed(); bytes.len() / size];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
@@ -49,12 +54,16 @@ impl<T: Pod> Buf<T> {
         if cfg!(target_endian = "big") {
             dst.chunks_exact_mut(size).for_each(<[u8]>::reverse);
         }
-        Ok(Buf { repr: Repr::Owned(out) })
+        Ok(Buf {
+            repr: Repr::Owned(out),
+        })
     }
 
     /// Wraps owned elements.
     pub fn from_vec(v: Vec<T>) -> Self {
-        Buf { repr: Repr::Owned(v) }
+        Buf {
+            repr: Repr::Owned(v),
+        }
     }
 
     /// The elements.
@@ -127,6 +136,12 @@ mod tests {
     #[test]
     fn ragged_length_is_refused() {
         let err = Buf::<f32>::from_le_bytes(Bytes::from_static(&[0, 0, 0, 0, 1])).unwrap_err();
-        assert_eq!(err, RaggedBytes { len: 5, elem_size: 4 });
+        assert_eq!(
+            err,
+            RaggedBytes {
+                len: 5,
+                elem_size: 4
+            }
+        );
     }
 }

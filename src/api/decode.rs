@@ -8,7 +8,9 @@ use ndarray::{ArrayViewD, IxDyn};
 
 use super::tensor::{self, AnyTensor, Shaped, TensorError};
 use crate::error::Error;
-use crate::eval::{ClassIds, Evaluation, Inputs, Labels, LossKind, Options, Reduction, Tensors, Wanted};
+use crate::eval::{
+    ClassIds, Evaluation, Inputs, Labels, LossKind, Options, Reduction, Tensors, Wanted,
+};
 use crate::kernel::{self, KernelError, Layout};
 use crate::proto;
 
@@ -24,7 +26,10 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
     if req.request_id.len() > MAX_REQUEST_ID_BYTES {
         return Err(Error::invalid(
             "request_id",
-            format!("is {} bytes long; at most {MAX_REQUEST_ID_BYTES} are allowed", req.request_id.len()),
+            format!(
+                "is {} bytes long; at most {MAX_REQUEST_ID_BYTES} are allowed",
+                req.request_id.len()
+            ),
         ));
     }
     let kind = match proto::LossKind::try_from(req.loss) {
@@ -36,7 +41,12 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
                 "is required: LOSS_KIND_SOFTMAX_CROSS_ENTROPY or LOSS_KIND_SPARSE_SOFTMAX_CROSS_ENTROPY",
             ));
         }
-        Err(_) => return Err(Error::invalid("loss", format!("has unknown value {}", req.loss))),
+        Err(_) => {
+            return Err(Error::invalid(
+                "loss",
+                format!("has unknown value {}", req.loss),
+            ));
+        }
     };
     let options = options(&req, kind)?;
     let wanted = wanted(&req.outputs, kind)?;
@@ -61,19 +71,30 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
     }
     let shape = logits.shape().to_vec();
     if shape.is_empty() {
-        return Err(Error::invalid("logits", "is a scalar; it needs rank >= 1 (a class axis)"));
+        return Err(Error::invalid(
+            "logits",
+            "is a scalar; it needs rank >= 1 (a class axis)",
+        ));
     }
     let axis = kernel::normalize_axis(options.axis, shape.len()).ok_or_else(|| {
         Error::invalid(
             "axis",
-            format!("{} is out of range for logits of rank {} (valid: -{} to {})", options.axis, shape.len(), shape.len(), shape.len() - 1),
+            format!(
+                "{} is out of range for logits of rank {} (valid: -{} to {})",
+                options.axis,
+                shape.len(),
+                shape.len(),
+                shape.len() - 1
+            ),
         )
     })?;
     let layout = Layout::new(&shape, axis);
     if layout.classes == 0 {
         return Err(Error::invalid(
             "logits",
-            format!("has shape {shape:?} whose class axis {axis} has length 0; at least one class is needed"),
+            format!(
+                "has shape {shape:?} whose class axis {axis} has length 0; at least one class is needed"
+            ),
         ));
     }
     let mut loss_shape = shape.clone();
@@ -82,7 +103,13 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
     let labels = tensor::decode(req.labels).map_err(field_err("labels"))?;
     let tensors = match kind {
         LossKind::Dense => dense_inputs(logits, labels)?,
-        LossKind::Sparse => sparse_inputs(logits, labels, &loss_shape, layout.classes, options.ignore_index)?,
+        LossKind::Sparse => sparse_inputs(
+            logits,
+            labels,
+            &loss_shape,
+            layout.classes,
+            options.ignore_index,
+        )?,
     };
 
     let class_weights = req
@@ -92,7 +119,11 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
             if w.shape() != [layout.classes] {
                 return Err(Error::invalid(
                     "class_weights",
-                    format!("has shape {:?}; expected [{}], one weight per class", w.shape(), layout.classes),
+                    format!(
+                        "has shape {:?}; expected [{}], one weight per class",
+                        w.shape(),
+                        layout.classes
+                    ),
                 ));
             }
             Ok(w.floats_to_f64().expect("float tensor"))
@@ -107,14 +138,20 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
             let b = view.broadcast(IxDyn(&loss_shape)).ok_or_else(|| {
                 Error::invalid(
                     "sample_weights",
-                    format!("has shape {:?}, which does not broadcast to the loss shape {loss_shape:?}", w.shape()),
+                    format!(
+                        "has shape {:?}, which does not broadcast to the loss shape {loss_shape:?}",
+                        w.shape()
+                    ),
                 )
             })?;
             Ok::<_, Error>(b.iter().copied().collect::<Vec<f64>>())
         })
         .transpose()?;
-    let returned_shape: Vec<usize> =
-        if options.reduction == Reduction::None { loss_shape.clone() } else { Vec::new() };
+    let returned_shape: Vec<usize> = if options.reduction == Reduction::None {
+        loss_shape.clone()
+    } else {
+        Vec::new()
+    };
     let upstream = req
         .upstream
         .map(|t| {
@@ -139,7 +176,10 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
         tensors,
         shape,
         layout,
-        options: Options { axis: axis as i64, ..options },
+        options: Options {
+            axis: axis as i64,
+            ..options
+        },
         class_weights,
         sample_weights,
         upstream,
@@ -155,15 +195,26 @@ fn options(req: &proto::EvaluateRequest, kind: LossKind) -> Result<Options, Erro
         Ok(proto::Reduction::Mean) => Reduction::Mean,
         Ok(proto::Reduction::SumOverBatchSize) => Reduction::SumOverBatchSize,
         Ok(proto::Reduction::SumByNonzeroWeights) => Reduction::SumByNonzeroWeights,
-        Err(_) => return Err(Error::invalid("reduction", format!("has unknown value {}", req.reduction))),
+        Err(_) => {
+            return Err(Error::invalid(
+                "reduction",
+                format!("has unknown value {}", req.reduction),
+            ));
+        }
     };
     let eps = req.label_smoothing;
     if !(0.0..=1.0).contains(&eps) {
-        return Err(Error::invalid("label_smoothing", format!("is {eps}; it must be in [0, 1]")));
+        return Err(Error::invalid(
+            "label_smoothing",
+            format!("is {eps}; it must be in [0, 1]"),
+        ));
     }
     let z = req.z_loss;
     if !(z >= 0.0 && z.is_finite()) {
-        return Err(Error::invalid("z_loss", format!("is {z}; it must be finite and >= 0")));
+        return Err(Error::invalid(
+            "z_loss",
+            format!("is {z}; it must be finite and >= 0"),
+        ));
     }
     let from_logits = req.from_logits.unwrap_or(true);
     if z > 0.0 && !from_logits {
@@ -192,7 +243,11 @@ fn wanted(outputs: &[i32], kind: LossKind) -> Result<Wanted, Error> {
     if outputs.is_empty() {
         return Ok(Wanted::default());
     }
-    let mut w = Wanted { loss: false, grad_logits: false, grad_labels: false };
+    let mut w = Wanted {
+        loss: false,
+        grad_logits: false,
+        grad_labels: false,
+    };
     for &o in outputs {
         match proto::Output::try_from(o) {
             Ok(proto::Output::Loss) => w.loss = true,
@@ -237,11 +292,18 @@ fn dense_inputs(logits: AnyTensor, labels: AnyTensor) -> Result<Tensors, Error> 
     if labels.shape() != logits.shape() {
         return Err(Error::invalid(
             "labels",
-            format!("has shape {:?}; dense labels must have the logits' shape {:?}", labels.shape(), logits.shape()),
+            format!(
+                "has shape {:?}; dense labels must have the logits' shape {:?}",
+                labels.shape(),
+                logits.shape()
+            ),
         ));
     }
     fn pair<T: Pod>(x: Shaped<T>, y: Shaped<T>) -> Inputs<T> {
-        Inputs { logits: x, labels: Labels::Dense(y) }
+        Inputs {
+            logits: x,
+            labels: Labels::Dense(y),
+        }
     }
     Ok(match (logits, labels) {
         (AnyTensor::F16(x), AnyTensor::F16(y)) => Tensors::F16(pair(x, y)),
@@ -265,7 +327,10 @@ fn sparse_inputs(
         other => {
             return Err(Error::invalid(
                 "labels",
-                format!("has dtype {}; class ids must be int32 or int64", other.dtype()),
+                format!(
+                    "has dtype {}; class ids must be int32 or int64",
+                    other.dtype()
+                ),
             ));
         }
     };
@@ -276,28 +341,40 @@ fn sparse_inputs(
     if id_shape != loss_shape {
         return Err(Error::invalid(
             "labels",
-            format!("has shape {id_shape:?}; class ids must have the logits' shape without the class axis, {loss_shape:?}"),
+            format!(
+                "has shape {id_shape:?}; class ids must have the logits' shape without the class axis, {loss_shape:?}"
+            ),
         ));
     }
-    if let Err(KernelError::ClassIdOutOfRange { position, value, classes }) =
-        kernel::check_class_ids(ids.kernel(), classes, ignore_index)
+    if let Err(KernelError::ClassIdOutOfRange {
+        position,
+        value,
+        classes,
+    }) = kernel::check_class_ids(ids.kernel(), classes, ignore_index)
     {
         let index = unravel(position, loss_shape);
-        let ignore = ignore_index.map(|k| format!(" and is not ignore_index {k}")).unwrap_or_default();
+        let ignore = ignore_index
+            .map(|k| format!(" and is not ignore_index {k}"))
+            .unwrap_or_default();
         return Err(Error::invalid(
             "labels",
             format!("class id {value} at index {index:?} is out of range [0, {classes}){ignore}"),
         ));
     }
     fn with<T: Pod>(x: Shaped<T>, ids: ClassIds) -> Inputs<T> {
-        Inputs { logits: x, labels: Labels::Sparse(ids) }
+        Inputs {
+            logits: x,
+            labels: Labels::Sparse(ids),
+        }
     }
     Ok(match logits {
         AnyTensor::F16(x) => Tensors::F16(with(x, ids)),
         AnyTensor::BF16(x) => Tensors::BF16(with(x, ids)),
         AnyTensor::F32(x) => Tensors::F32(with(x, ids)),
         AnyTensor::F64(x) => Tensors::F64(with(x, ids)),
-        AnyTensor::I32(_) | AnyTensor::I64(_) => return Err(Error::Internal("logits checked float".into())),
+        AnyTensor::I32(_) | AnyTensor::I64(_) => {
+            return Err(Error::Internal("logits checked float".into()));
+        }
     })
 }
 
@@ -318,7 +395,11 @@ mod tests {
     use super::*;
     use crate::api::tensor::encode;
 
-    fn request(logits: proto::Tensor, labels: proto::Tensor, loss: proto::LossKind) -> proto::EvaluateRequest {
+    fn request(
+        logits: proto::Tensor,
+        labels: proto::Tensor,
+        loss: proto::LossKind,
+    ) -> proto::EvaluateRequest {
         proto::EvaluateRequest {
             loss: loss as i32,
             logits: Some(logits),
@@ -328,7 +409,11 @@ mod tests {
     }
 
     fn dense_ok() -> proto::EvaluateRequest {
-        request(encode(&[2, 3], vec![0f32; 6], true), encode(&[2, 3], vec![0f32; 6], true), proto::LossKind::SoftmaxCrossEntropy)
+        request(
+            encode(&[2, 3], vec![0f32; 6], true),
+            encode(&[2, 3], vec![0f32; 6], true),
+            proto::LossKind::SoftmaxCrossEntropy,
+        )
     }
 
     fn field_of(r: proto::EvaluateRequest) -> (String, String) {
@@ -341,7 +426,14 @@ mod tests {
     #[test]
     fn a_valid_request_decodes_with_defaults() {
         let ev = decode(dense_ok()).unwrap();
-        assert_eq!(ev.layout, Layout { outer: 2, classes: 3, inner: 1 });
+        assert_eq!(
+            ev.layout,
+            Layout {
+                outer: 2,
+                classes: 3,
+                inner: 1
+            }
+        );
         assert_eq!(ev.options.axis, 1);
         assert_eq!(ev.wanted, Wanted::default());
         assert!(ev.raw_response);
@@ -387,20 +479,35 @@ mod tests {
 
     #[test]
     fn out_of_range_class_ids_name_their_index() {
-        let r = request(encode(&[2, 2, 3], vec![0f32; 12], true), encode(&[2, 2], vec![0i64, 1, 2, 3], true), proto::LossKind::SparseSoftmaxCrossEntropy);
+        let r = request(
+            encode(&[2, 2, 3], vec![0f32; 12], true),
+            encode(&[2, 2], vec![0i64, 1, 2, 3], true),
+            proto::LossKind::SparseSoftmaxCrossEntropy,
+        );
         let (field, reason) = field_of(r);
         assert_eq!(field, "labels");
         assert_eq!(reason, "class id 3 at index [1, 1] is out of range [0, 3)");
-        let mut r = request(encode(&[2, 3], vec![0f32; 6], true), encode(&[2], vec![-100i32, 2], true), proto::LossKind::SparseSoftmaxCrossEntropy);
+        let mut r = request(
+            encode(&[2, 3], vec![0f32; 6], true),
+            encode(&[2], vec![-100i32, 2], true),
+            proto::LossKind::SparseSoftmaxCrossEntropy,
+        );
         r.ignore_index = Some(-100);
         assert!(decode(r).is_ok());
     }
 
     #[test]
     fn sample_weights_broadcast_to_rows() {
-        let mut r = request(encode(&[2, 4, 3], vec![0f32; 24], true), encode(&[2, 4, 3], vec![0f32; 24], true), proto::LossKind::SoftmaxCrossEntropy);
+        let mut r = request(
+            encode(&[2, 4, 3], vec![0f32; 24], true),
+            encode(&[2, 4, 3], vec![0f32; 24], true),
+            proto::LossKind::SoftmaxCrossEntropy,
+        );
         r.sample_weights = Some(encode(&[2, 1], vec![1.0f64, 2.0], true));
         let ev = decode(r).unwrap();
-        assert_eq!(ev.sample_weights.unwrap(), vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
+        assert_eq!(
+            ev.sample_weights.unwrap(),
+            vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+        );
     }
 }

@@ -18,7 +18,9 @@ pub enum TensorError {
     #[error("is required")]
     Missing,
     /// `dtype` is unset or unknown.
-    #[error("has no valid dtype (got {0}); expected one of float16, bfloat16, float32, float64, int32, int64")]
+    #[error(
+        "has no valid dtype (got {0}); expected one of float16, bfloat16, float32, float64, int32, int64"
+    )]
     UnknownDType(i32),
     /// A dimension is negative.
     #[error("has a negative dimension {dim} at position {pos} of its shape")]
@@ -171,14 +173,18 @@ pub fn checked_shape(shape: &[i64], dtype: DType) -> Result<(Vec<usize>, usize),
         let d = usize::try_from(dim).map_err(|_| TensorError::NegativeDim { pos, dim })?;
         count = count
             .checked_mul(d)
-            .ok_or_else(|| TensorError::ShapeOverflow { shape: shape.to_vec() })?;
+            .ok_or_else(|| TensorError::ShapeOverflow {
+                shape: shape.to_vec(),
+            })?;
         dims.push(d);
     }
     // The byte size must be addressable too (and within isize for slices).
     count
         .checked_mul(dtype.size())
         .filter(|&b| b <= isize::MAX as usize)
-        .ok_or_else(|| TensorError::ShapeOverflow { shape: shape.to_vec() })?;
+        .ok_or_else(|| TensorError::ShapeOverflow {
+            shape: shape.to_vec(),
+        })?;
     Ok((dims, count))
 }
 
@@ -203,14 +209,22 @@ pub fn decode(t: Option<proto::Tensor>) -> Result<AnyTensor, TensorError> {
     let field = set.first().copied().unwrap_or("raw_data");
     let expected = typed_field(dtype);
     if field != "raw_data" && field != expected {
-        return Err(TensorError::WrongDataField { field, dtype, expected });
+        return Err(TensorError::WrongDataField {
+            field,
+            dtype,
+            expected,
+        });
     }
     let wrong_len = |unit, got| TensorError::WrongLength {
         shape: shape.clone(),
         dtype,
         unit,
         got,
-        want: if unit == "bytes" { count * dtype.size() } else { count },
+        want: if unit == "bytes" {
+            count * dtype.size()
+        } else {
+            count
+        },
     };
     if field == "raw_data" {
         let raw = std::mem::take(&mut t.raw_data);
@@ -240,7 +254,10 @@ pub fn decode(t: Option<proto::Tensor>) -> Result<AnyTensor, TensorError> {
         return Err(wrong_len("elements", got));
     }
     fn owned<T: Pod>(v: Vec<T>, shape: Vec<usize>) -> Shaped<T> {
-        Shaped { shape, data: Buf::from_vec(v) }
+        Shaped {
+            shape,
+            data: Buf::from_vec(v),
+        }
     }
     Ok(match dtype {
         DType::F16 => AnyTensor::F16(owned(
@@ -295,8 +312,10 @@ macro_rules! wire_element {
     };
 }
 
-wire_element!(f16, DType::F16, F16, |v, t| t.float_data = v.iter().map(|x| x.to_f32()).collect());
-wire_element!(bf16, DType::BF16, BF16, |v, t| t.float_data = v.iter().map(|x| x.to_f32()).collect());
+wire_element!(f16, DType::F16, F16, |v, t| t.float_data =
+    v.iter().map(|x| x.to_f32()).collect());
+wire_element!(bf16, DType::BF16, BF16, |v, t| t.float_data =
+    v.iter().map(|x| x.to_f32()).collect());
 wire_element!(f32, DType::F32, F32, |v, t| t.float_data = v);
 wire_element!(f64, DType::F64, F64, |v, t| t.double_data = v);
 wire_element!(i32, DType::I32, I32, |v, t| t.int32_data = v);
@@ -334,7 +353,9 @@ mod tests {
     fn raw_and_typed_round_trip() {
         for raw in [true, false] {
             let t = encode(&[2, 2], vec![1.0f32, 2.0, 3.0, 4.0], raw);
-            let AnyTensor::F32(s) = decode(Some(t)).unwrap() else { panic!("dtype") };
+            let AnyTensor::F32(s) = decode(Some(t)).unwrap() else {
+                panic!("dtype")
+            };
             assert_eq!(s.shape, vec![2, 2]);
             assert_eq!(s.data.as_slice(), &[1.0, 2.0, 3.0, 4.0]);
         }
@@ -346,17 +367,26 @@ mod tests {
     fn errors_say_what_is_wrong() {
         assert_eq!(decode(None).unwrap_err(), TensorError::Missing);
         let e = decode(Some(f32_tensor(vec![2, 3], vec![0; 20]))).unwrap_err();
-        assert_eq!(e.to_string(), "has 20 bytes of data but shape [2, 3] with dtype float32 needs 24");
+        assert_eq!(
+            e.to_string(),
+            "has 20 bytes of data but shape [2, 3] with dtype float32 needs 24"
+        );
         let e = decode(Some(f32_tensor(vec![2, -1], vec![]))).unwrap_err();
         assert!(matches!(e, TensorError::NegativeDim { pos: 1, dim: -1 }));
         let e = decode(Some(f32_tensor(vec![1 << 40, 1 << 40], vec![]))).unwrap_err();
         assert!(matches!(e, TensorError::ShapeOverflow { .. }));
         let mut t = f32_tensor(vec![1], vec![]);
         t.double_data = vec![1.0];
-        assert!(matches!(decode(Some(t)).unwrap_err(), TensorError::WrongDataField { .. }));
+        assert!(matches!(
+            decode(Some(t)).unwrap_err(),
+            TensorError::WrongDataField { .. }
+        ));
         let mut t = f32_tensor(vec![1], vec![0; 4]);
         t.float_data = vec![1.0];
-        assert!(matches!(decode(Some(t)).unwrap_err(), TensorError::SeveralDataFields(_)));
+        assert!(matches!(
+            decode(Some(t)).unwrap_err(),
+            TensorError::SeveralDataFields(_)
+        ));
         let mut t = f32_tensor(vec![1], vec![0; 4]);
         t.dtype = 99;
         assert_eq!(decode(Some(t)).unwrap_err(), TensorError::UnknownDType(99));

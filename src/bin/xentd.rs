@@ -52,7 +52,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let addr = listener.local_addr().map_or_else(|_| settings.listen.to_string(), |a| a.to_string());
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| settings.listen.to_string(), |a| a.to_string());
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, "listening");

@@ -55,8 +55,22 @@ mod tests {
 
     #[test]
     fn layouts() {
-        assert_eq!(Layout::new(&[2, 3], 1), Layout { outer: 2, classes: 3, inner: 1 });
-        assert_eq!(Layout::new(&[2, 3, 4, 5], 1), Layout { outer: 2, classes: 3, inner: 20 });
+        assert_eq!(
+            Layout::new(&[2, 3], 1),
+            Layout {
+                outer: 2,
+                classes: 3,
+                inner: 1
+            }
+        );
+        assert_eq!(
+            Layout::new(&[2, 3, 4, 5], 1),
+            Layout {
+                outer: 2,
+                classes: 3,
+                inner: 20
+            }
+        );
         assert_eq!(Layout::new(&[7], 0).rows(), 1);
         assert_eq!(Layout::new(&[0, 4], 1).rows(), 0);
     }

@@ -19,6 +19,7 @@ mod options;
 pub mod reduce;
 pub mod reference;
 mod rows;
+pub mod simd;
 
 use ndarray::{ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3, ShapeBuilder};
 use rayon::prelude::*;
@@ -138,13 +139,21 @@ pub enum KernelError {
 }
 
 /// Finds the first class id outside `[0, classes)` that is not `ignore_index`.
-pub fn check_class_ids(ids: ClassIds<'_>, classes: usize, ignore_index: Option<i64>) -> Result<(), KernelError> {
+pub fn check_class_ids(
+    ids: ClassIds<'_>,
+    classes: usize,
+    ignore_index: Option<i64>,
+) -> Result<(), KernelError> {
     let bad = (0..ids.len()).find(|&r| {
         let v = ids.get(r);
         Some(v) != ignore_index && !(0..classes as i64).contains(&v)
     });
     match bad {
-        Some(position) => Err(KernelError::ClassIdOutOfRange { position, value: ids.get(position), classes }),
+        Some(position) => Err(KernelError::ClassIdOutOfRange {
+            position,
+            value: ids.get(position),
+            classes,
+        }),
         None => Ok(()),
     }
 }
@@ -153,9 +162,16 @@ pub fn check_class_ids(ids: ClassIds<'_>, classes: usize, ignore_index: Option<i
 const BLOCK_ELEMENTS: usize = 1 << 15;
 
 /// Evaluates the loss, writing the requested gradients into `grads`.
-pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Result<Loss, KernelError> {
+pub fn evaluate<T: Element>(
+    problem: &Problem<'_, T>,
+    grads: Grads<'_, T>,
+) -> Result<Loss, KernelError> {
     let (outer, classes, inner) = problem.logits.dim();
-    let layout = Layout { outer, classes, inner };
+    let layout = Layout {
+        outer,
+        classes,
+        inner,
+    };
     let rows = layout.rows();
     check(problem, &grads, layout)?;
     let opts = &problem.options;
@@ -183,11 +199,35 @@ pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Re
         (Some(d), _) => reduce::safe_div(sample(r), d),
     };
 
+    let grads_labels_wanted = grads.labels.is_some();
     let mut losses = vec![0.0f64; rows];
     let block_outer = BLOCK_ELEMENTS.div_ceil((classes * inner).max(1)).max(1);
     let blocks = split_blocks(outer, block_outer, inner, &mut losses, grads);
+    let fast = fast_inputs(problem, &grads_labels_wanted, layout);
     let run = |b: Block<'_, '_, T>| {
-        let Block { first_outer, losses, mut grad_logits, mut grad_labels } = b;
+        let Block {
+            first_outer,
+            losses,
+            mut grad_logits,
+            mut grad_labels,
+        } = b;
+        if let Some(f) = &fast {
+            let c = classes;
+            let mut g = grad_logits.as_mut().and_then(|g| g.as_slice_mut());
+            for (k, loss) in losses.iter_mut().enumerate() {
+                let r = first_outer + k;
+                let grow = g.as_deref_mut().map(|g| &mut g[k * c..(k + 1) * c]);
+                *loss = if ignored(r) {
+                    if let Some(g) = grow {
+                        g.fill(T::from_f64(0.0));
+                    }
+                    0.0
+                } else {
+                    sample(r) * f.row(problem, r, grow, scale(r))
+                };
+            }
+            return;
+        }
         for (k, loss) in losses.iter_mut().enumerate() {
             let (o, i) = (first_outer + k / inner, k % inner);
             let r = o * inner + i;
@@ -216,27 +256,144 @@ pub fn evaluate<T: Element>(problem: &Problem<'_, T>, grads: Grads<'_, T>) -> Re
     })
 }
 
+/// What the vector fast path ([`simd`]) needs: contiguous rows (class axis last), logits,
+/// no class weights, no labels gradient, a type computed in `f32`.
+struct FastInputs<'a, T> {
+    level: simd::Level,
+    x: &'a [T],
+    y: Option<&'a [T]>,
+    classes: usize,
+    keep: f64,
+    add: f64,
+}
+
+fn fast_inputs<'a, T: Element>(
+    p: &Problem<'a, T>,
+    labels_grad: &bool,
+    layout: Layout,
+) -> Option<FastInputs<'a, T>> {
+    let level = simd::Level::current();
+    let opts = &p.options;
+    if level == simd::Level::General
+        || layout.inner != 1
+        || !opts.from_logits
+        || p.class_weights.is_some()
+        || *labels_grad
+        || T::DTYPE == crate::dtype::DType::F64
+    {
+        return None;
+    }
+    let x = p.logits.to_slice()?;
+    let y = match p.labels {
+        Labels::Dense(y) => Some(y.to_slice()?),
+        Labels::Sparse(_) => None,
+    };
+    let c = layout.classes as f64;
+    Some(FastInputs {
+        level,
+        x,
+        y,
+        classes: layout.classes,
+        keep: 1.0 - opts.label_smoothing,
+        add: opts.label_smoothing / c,
+    })
+}
+
+impl<T: Element> FastInputs<'_, T> {
+    /// The unweighted loss of row `r`, writing `scale * d loss / d x` into `grad`.
+    fn row(&self, p: &Problem<'_, T>, r: usize, grad: Option<&mut [T]>, scale: f64) -> f64 {
+        use crate::dtype::DType;
+        let c = self.classes;
+        let x = &self.x[r * c..(r + 1) * c];
+        let y = self.y.map(|y| &y[r * c..(r + 1) * c]);
+        let target = match p.labels {
+            Labels::Sparse(ids) => ids.get(r) as usize,
+            Labels::Dense(_) => 0,
+        };
+        let z = p.options.z_loss;
+        fn go<U: simd::row::FastElem + bytemuck::Pod, T: bytemuck::Pod>(
+            f: &FastInputs<'_, T>,
+            x: &[T],
+            y: Option<&[T]>,
+            target: usize,
+            z: f64,
+            grad: Option<&mut [T]>,
+            scale: f64,
+        ) -> f64 {
+            let labels = match y {
+                Some(y) => simd::FastLabels::Dense {
+                    y: bytemuck::cast_slice::<T, U>(y),
+                    keep: f.keep,
+                    add: f.add,
+                },
+                None => simd::FastLabels::Sparse {
+                    target,
+                    keep: f.keep,
+                    add: f.add,
+                },
+            };
+            let grad = grad.map(bytemuck::cast_slice_mut::<T, U>);
+            simd::fast_row(
+                f.level,
+                bytemuck::cast_slice::<T, U>(x),
+                &labels,
+                z,
+                grad,
+                scale,
+            )
+        }
+        match T::DTYPE {
+            DType::F32 => go::<f32, T>(self, x, y, target, z, grad, scale),
+            DType::BF16 => go::<half::bf16, T>(self, x, y, target, z, grad, scale),
+            DType::F16 => go::<half::f16, T>(self, x, y, target, z, grad, scale),
+            _ => unreachable!("fast_inputs admits only types computed in f32"),
+        }
+    }
+}
+
 /// The unweighted loss of row `(o, i)`, writing its gradients.
-fn row_loss<T: Element>(p: &Problem<'_, T>, layout: Layout, o: usize, i: usize, r: usize, grads: RowGrads<'_, T>) -> f64 {
+fn row_loss<T: Element>(
+    p: &Problem<'_, T>,
+    layout: Layout,
+    o: usize,
+    i: usize,
+    r: usize,
+    grads: RowGrads<'_, T>,
+) -> f64 {
     let x = p.logits.slice(ndarray::s![o, .., i]);
     let opts = &p.options;
     let c = layout.classes as f64;
     let (keep, add) = (1.0 - opts.label_smoothing, opts.label_smoothing / c);
     match p.labels {
         Labels::Dense(y) => {
-            let lab = DenseRow { y: y.slice(ndarray::s![o, .., i]), keep, add, class_weights: p.class_weights };
+            let lab = DenseRow {
+                y: y.slice(ndarray::s![o, .., i]),
+                keep,
+                add,
+                class_weights: p.class_weights,
+            };
             dispatch(x, &lab, opts, grads)
         }
         Labels::Sparse(ids) => {
             let target = ids.get(r) as usize;
             let wt = p.class_weights.map_or(1.0, |w| w[target]);
-            let lab = SparseRow { target, keep_wt: keep * wt, add, class_weights: p.class_weights };
+            let lab = SparseRow {
+                target,
+                keep_wt: keep * wt,
+                add,
+                class_weights: p.class_weights,
+            };
             dispatch(x, &lab, opts, grads)
         }
     }
 }
 
-fn dispatch<T: Element, L: LabelRow>(x: ArrayView1<'_, T>, lab: &L, opts: &Options, grads: RowGrads<'_, T>) -> f64 {
+fn dispatch<T: Element, L: LabelRow>(
+    x: ArrayView1<'_, T>,
+    lab: &L,
+    opts: &Options,
+    grads: RowGrads<'_, T>,
+) -> f64 {
     if opts.from_logits {
         logits_row(x, lab, opts.z_loss, grads)
     } else {
@@ -311,8 +468,12 @@ fn check<T>(p: &Problem<'_, T>, grads: &Grads<'_, T>, layout: Layout) -> Result<
         return Err(KernelError::Inconsistent("no classes"));
     }
     match p.labels {
-        Labels::Dense(y) if y.dim() != dims => return Err(KernelError::Inconsistent("labels shape")),
-        Labels::Sparse(ids) if ids.len() != rows => return Err(KernelError::Inconsistent("class ids length")),
+        Labels::Dense(y) if y.dim() != dims => {
+            return Err(KernelError::Inconsistent("labels shape"));
+        }
+        Labels::Sparse(ids) if ids.len() != rows => {
+            return Err(KernelError::Inconsistent("class ids length"));
+        }
         Labels::Sparse(ids) => check_class_ids(ids, layout.classes, p.options.ignore_index)?,
         Labels::Dense(_) => {}
     }
@@ -327,11 +488,15 @@ fn check<T>(p: &Problem<'_, T>, grads: &Grads<'_, T>, layout: Layout) -> Result<
     {
         return Err(KernelError::Inconsistent("upstream shape"));
     }
-    if grads.logits.as_ref().is_some_and(|g| g.dim() != dims) || grads.labels.as_ref().is_some_and(|g| g.dim() != dims) {
+    if grads.logits.as_ref().is_some_and(|g| g.dim() != dims)
+        || grads.labels.as_ref().is_some_and(|g| g.dim() != dims)
+    {
         return Err(KernelError::Inconsistent("gradient buffer shape"));
     }
     if grads.labels.is_some() && matches!(p.labels, Labels::Sparse(_)) {
-        return Err(KernelError::Inconsistent("no labels gradient for class ids"));
+        return Err(KernelError::Inconsistent(
+            "no labels gradient for class ids",
+        ));
     }
     Ok(())
 }

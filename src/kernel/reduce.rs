@@ -33,7 +33,9 @@ pub fn denominator(
             Some(ordered_sum(&w))
         }
         Reduction::SumOverBatchSize => Some((0..rows).filter(|&r| !ignored(r)).count() as f64),
-        Reduction::SumByNonzeroWeights => Some((0..rows).filter(|&r| omega(r) != 0.0).count() as f64),
+        Reduction::SumByNonzeroWeights => {
+            Some((0..rows).filter(|&r| omega(r) != 0.0).count() as f64)
+        }
     }
 }
 

@@ -3,7 +3,11 @@
 use super::*;
 
 fn dense<'a>(x: &'a [f64], y: &'a [f64], c: usize) -> Problem<'a, f64> {
-    let l = Layout { outer: x.len() / c, classes: c, inner: 1 };
+    let l = Layout {
+        outer: x.len() / c,
+        classes: c,
+        inner: 1,
+    };
     Problem {
         logits: view3(x, l).unwrap(),
         labels: Labels::Dense(view3(y, l).unwrap()),
@@ -16,7 +20,20 @@ fn dense<'a>(x: &'a [f64], y: &'a [f64], c: usize) -> Problem<'a, f64> {
 
 fn run(p: &Problem<'_, f64>) -> (Loss, Vec<f64>) {
     let mut g = vec![0.0; p.logits.len()];
-    let loss = evaluate(p, Grads { logits: Some(view3_mut(&mut g, Layout::new(&[p.logits.dim().0, p.logits.dim().1, p.logits.dim().2], 1)).unwrap()), labels: None }).unwrap();
+    let loss = evaluate(
+        p,
+        Grads {
+            logits: Some(
+                view3_mut(
+                    &mut g,
+                    Layout::new(&[p.logits.dim().0, p.logits.dim().1, p.logits.dim().2], 1),
+                )
+                .unwrap(),
+            ),
+            labels: None,
+        },
+    )
+    .unwrap();
     (loss, g)
 }
 
@@ -26,7 +43,10 @@ fn worked_example_of_the_spec() {
     let y = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
     let (loss, _) = run(&dense(&x, &y, 3));
     let Loss::PerExample(l) = loss else { panic!() };
-    assert!((l[0] - 0.46436878).abs() < 1e-8 && (l[1] - 0.57048061).abs() < 1e-8, "{l:?}");
+    assert!(
+        (l[0] - 0.46436878).abs() < 1e-8 && (l[1] - 0.57048061).abs() < 1e-8,
+        "{l:?}"
+    );
     let mut p = dense(&x, &y, 3);
     p.options.reduction = Reduction::Mean;
     assert!(matches!(run(&p).0, Loss::Reduced(v) if (v - 0.51742470).abs() < 1e-8));
@@ -64,7 +84,11 @@ fn out_of_range_ids_are_refused_and_ignore_index_is_not() {
     let ids = [0i64, 3, -100];
     assert_eq!(
         check_class_ids(ClassIds::I64(&ids), 3, Some(-100)),
-        Err(KernelError::ClassIdOutOfRange { position: 1, value: 3, classes: 3 })
+        Err(KernelError::ClassIdOutOfRange {
+            position: 1,
+            value: 3,
+            classes: 3
+        })
     );
     assert!(check_class_ids(ClassIds::I64(&ids[..1]), 3, None).is_ok());
 }
@@ -73,10 +97,20 @@ fn out_of_range_ids_are_refused_and_ignore_index_is_not() {
 fn results_do_not_depend_on_the_thread_count() {
     let c = 1000;
     let rows = 300;
-    let x: Vec<f32> = (0..rows * c).map(|k| ((k * 7919) % 1013) as f32 / 37.0 - 13.0).collect();
+    let x: Vec<f32> = (0..rows * c)
+        .map(|k| ((k * 7919) % 1013) as f32 / 37.0 - 13.0)
+        .collect();
     let ids: Vec<i32> = (0..rows).map(|r| (r * 31 % c) as i32).collect();
-    let l = Layout { outer: rows, classes: c, inner: 1 };
-    let mut options = Options { reduction: Reduction::Mean, label_smoothing: 0.1, ..Options::default() };
+    let l = Layout {
+        outer: rows,
+        classes: c,
+        inner: 1,
+    };
+    let mut options = Options {
+        reduction: Reduction::Mean,
+        label_smoothing: 0.1,
+        ..Options::default()
+    };
     options.z_loss = 1e-4;
     let p = Problem {
         logits: view3(&x, l).unwrap(),
@@ -87,12 +121,28 @@ fn results_do_not_depend_on_the_thread_count() {
         upstream: Upstream::Scalar(0.5),
     };
     let on = |threads| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         let mut g = vec![0.0f32; x.len()];
-        let loss = pool.install(|| evaluate(&p, Grads { logits: Some(view3_mut(&mut g, l).unwrap()), labels: None }).unwrap());
+        let loss = pool.install(|| {
+            evaluate(
+                &p,
+                Grads {
+                    logits: Some(view3_mut(&mut g, l).unwrap()),
+                    labels: None,
+                },
+            )
+            .unwrap()
+        });
         (loss, g)
     };
     let (a, b) = (on(1), on(4));
     assert_eq!(a.0, b.0);
-    assert!(a.1.iter().zip(&b.1).all(|(u, v)| u.to_bits() == v.to_bits()));
+    assert!(
+        a.1.iter()
+            .zip(&b.1)
+            .all(|(u, v)| u.to_bits() == v.to_bits())
+    );
 }

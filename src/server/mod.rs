@@ -33,7 +33,11 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Serves on `listener` until `shutdown` completes, then lets calls in flight finish for at
 /// most `settings.shutdown_grace`.
-pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
     let pool = ComputePool::new(settings.compute_threads)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -102,11 +106,16 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// answer, so a replica never takes traffic it would answer wrongly.
 async fn warm_up(pool: ComputePool, health: HealthReporter) {
     let started = std::time::Instant::now();
-    let result = pool.run(|| compute::evaluate(&compute::warm_up_request()?)).await;
+    let result = pool
+        .run(|| compute::evaluate(&compute::warm_up_request()?))
+        .await;
     match result.map(|out| compute::check_warm_up(&out)) {
         Ok(Ok(())) => {
             set_health(&health, ServingStatus::Serving).await;
-            tracing::info!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "warm-up passed; SERVING");
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "warm-up passed; SERVING"
+            );
         }
         Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "warm-up failed; staying NOT_SERVING"),
     }

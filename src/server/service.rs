@@ -25,11 +25,18 @@ impl XentService {
     /// A service computing on `pool`, evaluating up to `stream_concurrency` requests of one
     /// stream at once.
     pub fn new(pool: ComputePool, stream_concurrency: usize) -> XentService {
-        XentService { pool, stream_concurrency }
+        XentService {
+            pool,
+            stream_concurrency,
+        }
     }
 
     /// Decode, compute and encode one request on the pool, inside a span that records it.
-    async fn evaluate_one(pool: ComputePool, method: &'static str, req: proto::EvaluateRequest) -> Result<proto::EvaluateResponse, Error> {
+    async fn evaluate_one(
+        pool: ComputePool,
+        method: &'static str,
+        req: proto::EvaluateRequest,
+    ) -> Result<proto::EvaluateResponse, Error> {
         let span = tracing::info_span!(
             "rpc",
             method,
@@ -64,18 +71,25 @@ impl XentService {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::EvaluateStreamResponse, Status>> + Send>>;
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<proto::EvaluateStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Xent for XentService {
-    async fn evaluate(&self, request: Request<proto::EvaluateRequest>) -> Result<Response<proto::EvaluateResponse>, Status> {
+    async fn evaluate(
+        &self,
+        request: Request<proto::EvaluateRequest>,
+    ) -> Result<Response<proto::EvaluateResponse>, Status> {
         let out = Self::evaluate_one(self.pool.clone(), "Evaluate", request.into_inner()).await?;
         Ok(Response::new(out))
     }
 
     type EvaluateStreamStream = ResponseStream;
 
-    async fn evaluate_stream(&self, request: Request<Streaming<proto::EvaluateRequest>>) -> Result<Response<Self::EvaluateStreamStream>, Status> {
+    async fn evaluate_stream(
+        &self,
+        request: Request<Streaming<proto::EvaluateRequest>>,
+    ) -> Result<Response<Self::EvaluateStreamStream>, Status> {
         let pool = self.pool.clone();
         let inbound = request.into_inner();
         let answers = inbound
@@ -86,13 +100,18 @@ impl Xent for XentService {
                     let id = req.request_id.clone();
                     let result = match Self::evaluate_one(pool, "EvaluateStream", req).await {
                         Ok(resp) => proto::evaluate_stream_response::Result::Response(resp),
-                        Err(e) => proto::evaluate_stream_response::Result::Error(proto::StreamError {
-                            code: e.code() as i32,
-                            field: e.field().unwrap_or_default().to_string(),
-                            message: e.to_string(),
-                        }),
+                        Err(e) => {
+                            proto::evaluate_stream_response::Result::Error(proto::StreamError {
+                                code: e.code() as i32,
+                                field: e.field().unwrap_or_default().to_string(),
+                                message: e.to_string(),
+                            })
+                        }
                     };
-                    Ok(proto::EvaluateStreamResponse { request_id: id, result: Some(result) })
+                    Ok(proto::EvaluateStreamResponse {
+                        request_id: id,
+                        result: Some(result),
+                    })
                 }
             })
             .buffered(self.stream_concurrency)

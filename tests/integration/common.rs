@@ -31,13 +31,19 @@ impl TestServer {
 
     /// Starts a server with `settings` (the listen address is ignored) and waits for SERVING.
     pub async fn with_settings(settings: Settings) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(xent::server::serve(listener, settings, async move {
             let _ = rx.await;
         }));
-        let server = TestServer { addr, stop: Some(tx), task: Some(task) };
+        let server = TestServer {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        };
         server.wait_serving().await;
         server
     }
@@ -49,7 +55,11 @@ impl TestServer {
 
     /// A connected channel.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint()).unwrap().connect().await.expect("connect")
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
     }
 
     /// A client of xent.v1.Xent with large message limits.
@@ -62,15 +72,28 @@ impl TestServer {
     /// The health status of `service`.
     pub async fn health(&self, service: &str) -> ServingStatus {
         let mut h = HealthClient::new(self.channel().await);
-        let r = h.check(HealthCheckRequest { service: service.into() }).await.expect("health check");
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check");
         r.into_inner().status()
     }
 
     async fn wait_serving(&self) {
         for _ in 0..500 {
-            if let Ok(ch) = Channel::from_shared(self.endpoint()).unwrap().connect().await {
+            if let Ok(ch) = Channel::from_shared(self.endpoint())
+                .unwrap()
+                .connect()
+                .await
+            {
                 let mut h = HealthClient::new(ch);
-                if let Ok(r) = h.check(HealthCheckRequest { service: String::new() }).await
+                if let Ok(r) = h
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
                     && r.into_inner().status() == ServingStatus::Serving
                 {
                     return;

@@ -18,7 +18,8 @@ fn reference_dir() -> PathBuf {
 }
 
 fn manifest() -> Vec<Value> {
-    let text = std::fs::read_to_string(reference_dir().join("manifest.json")).expect("manifest.json");
+    let text =
+        std::fs::read_to_string(reference_dir().join("manifest.json")).expect("manifest.json");
     let v: Value = serde_json::from_str(&text).expect("manifest is JSON");
     v["cases"].as_array().expect("cases").clone()
 }
@@ -30,11 +31,15 @@ fn read_floats(rel: &str) -> (Vec<usize>, Vec<f64>) {
         return (a.shape().to_vec(), a.iter().copied().collect());
     }
     let a: ArrayD<f32> = read_npy(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    (a.shape().to_vec(), a.iter().map(|&v| f64::from(v)).collect())
+    (
+        a.shape().to_vec(),
+        a.iter().map(|&v| f64::from(v)).collect(),
+    )
 }
 
 fn read_ids(rel: &str) -> (Vec<usize>, Vec<i64>) {
-    let a: ArrayD<i64> = read_npy(reference_dir().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let a: ArrayD<i64> =
+        read_npy(reference_dir().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
     (a.shape().to_vec(), a.iter().copied().collect())
 }
 
@@ -88,7 +93,11 @@ fn request(case: &Value) -> proto::EvaluateRequest {
     }
     proto::EvaluateRequest {
         request_id: case["name"].as_str().unwrap().into(),
-        loss: if sparse { proto::LossKind::SparseSoftmaxCrossEntropy } else { proto::LossKind::SoftmaxCrossEntropy } as i32,
+        loss: if sparse {
+            proto::LossKind::SparseSoftmaxCrossEntropy
+        } else {
+            proto::LossKind::SoftmaxCrossEntropy
+        } as i32,
         logits: Some(float_tensor(dtype, &shape, &x)),
         labels: Some(labels),
         axis: opts["axis"].as_i64(),
@@ -123,13 +132,26 @@ struct Errors {
     rel: f64,
 }
 
-fn compare(name: &str, what: &str, dtype: &str, got: &AnyTensor, expected: &str, errs: &mut Errors) -> Result<(), String> {
+fn compare(
+    name: &str,
+    what: &str,
+    dtype: &str,
+    got: &AnyTensor,
+    expected: &str,
+    errs: &mut Errors,
+) -> Result<(), String> {
     let (shape, want) = read_floats(expected);
     if got.shape() != shape.as_slice() {
-        return Err(format!("{name}: {what} has shape {:?}, expected {shape:?}", got.shape()));
+        return Err(format!(
+            "{name}: {what} has shape {:?}, expected {shape:?}",
+            got.shape()
+        ));
     }
     if got.dtype().name() != dtype {
-        return Err(format!("{name}: {what} has dtype {}, expected {dtype}", got.dtype()));
+        return Err(format!(
+            "{name}: {what} has dtype {}, expected {dtype}",
+            got.dtype()
+        ));
     }
     let got = got.floats_to_f64().unwrap();
     let (rel, abs) = tolerance(dtype);
@@ -140,7 +162,9 @@ fn compare(name: &str, what: &str, dtype: &str, got: &AnyTensor, expected: &str,
         }
         let d = (g - w).abs();
         if d.is_nan() || d > abs + rel * w.abs() {
-            return Err(format!("{name}: {what}[{k}] = {g:e}, expected {w:e} (tolerance rel {rel:e} abs {abs:e})"));
+            return Err(format!(
+                "{name}: {what}[{k}] = {g:e}, expected {w:e} (tolerance rel {rel:e} abs {abs:e})"
+            ));
         }
         errs.abs = errs.abs.max(d);
         if w.abs() > abs {
@@ -150,26 +174,47 @@ fn compare(name: &str, what: &str, dtype: &str, got: &AnyTensor, expected: &str,
     Ok(())
 }
 
-fn check_answer(case: &Value, answer: Result<proto::EvaluateResponse, (tonic::Code, String)>, errs: &mut Errors) -> Result<(), String> {
+fn check_answer(
+    case: &Value,
+    answer: Result<proto::EvaluateResponse, (tonic::Code, String)>,
+    errs: &mut Errors,
+) -> Result<(), String> {
     let name = case["name"].as_str().unwrap();
     if let Some(err) = case.get("error") {
         let field = err["field"].as_str().unwrap();
         let contains = err["contains"].as_str().unwrap_or("");
         return match answer {
-            Err((tonic::Code::InvalidArgument, msg)) if msg.starts_with(field) && msg.contains(contains) => Ok(()),
-            Err((code, msg)) => Err(format!("{name}: expected INVALID_ARGUMENT on {field} containing {contains:?}, got {code:?}: {msg}")),
-            Ok(_) => Err(format!("{name}: expected INVALID_ARGUMENT on {field}, got a result")),
+            Err((tonic::Code::InvalidArgument, msg))
+                if msg.starts_with(field) && msg.contains(contains) =>
+            {
+                Ok(())
+            }
+            Err((code, msg)) => Err(format!(
+                "{name}: expected INVALID_ARGUMENT on {field} containing {contains:?}, got {code:?}: {msg}"
+            )),
+            Ok(_) => Err(format!(
+                "{name}: expected INVALID_ARGUMENT on {field}, got a result"
+            )),
         };
     }
     let resp = answer.map_err(|(c, m)| format!("{name}: {c:?}: {m}"))?;
     if resp.request_id != name {
-        return Err(format!("{name}: answer carries request_id {:?}", resp.request_id));
+        return Err(format!(
+            "{name}: answer carries request_id {:?}",
+            resp.request_id
+        ));
     }
     let dtype = case["dtype"].as_str().unwrap();
     let expected = &case["expected"];
-    let outputs = [("loss", resp.loss), ("grad_logits", resp.grad_logits), ("grad_labels", resp.grad_labels)];
+    let outputs = [
+        ("loss", resp.loss),
+        ("grad_logits", resp.grad_logits),
+        ("grad_labels", resp.grad_labels),
+    ];
     for (what, tensor) in outputs {
-        let Some(path) = expected[what].as_str() else { continue };
+        let Some(path) = expected[what].as_str() else {
+            continue;
+        };
         let t = decode(tensor).map_err(|e| format!("{name}: {what} {e}"))?;
         compare(name, what, dtype, &t, path, errs)?;
     }
@@ -179,15 +224,27 @@ fn check_answer(case: &Value, answer: Result<proto::EvaluateResponse, (tonic::Co
 fn report(label: &str, per_dtype: &BTreeMap<String, Errors>, failures: &[String], cases: usize) {
     eprintln!("conformance over {label}: {cases} cases");
     for (dtype, e) in per_dtype {
-        eprintln!("  {dtype:>9}: max abs error {:.3e}, max rel error {:.3e}", e.abs, e.rel);
+        eprintln!(
+            "  {dtype:>9}: max abs error {:.3e}, max rel error {:.3e}",
+            e.abs, e.rel
+        );
     }
-    assert!(failures.is_empty(), "{} of {cases} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reference_case_matches_over_unary_calls() {
     let cases = manifest();
-    assert!(cases.len() >= 100, "the reference set is incomplete: {} cases", cases.len());
+    assert!(
+        cases.len() >= 100,
+        "the reference set is incomplete: {} cases",
+        cases.len()
+    );
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let mut per_dtype: BTreeMap<String, Errors> = BTreeMap::new();
@@ -198,7 +255,9 @@ async fn every_reference_case_matches_over_unary_calls() {
             .await
             .map(|r| r.into_inner())
             .map_err(|s| (s.code(), s.message().to_string()));
-        let errs = per_dtype.entry(case["dtype"].as_str().unwrap().to_string()).or_default();
+        let errs = per_dtype
+            .entry(case["dtype"].as_str().unwrap().to_string())
+            .or_default();
         if let Err(f) = check_answer(case, answer, errs) {
             failures.push(f);
         }
@@ -220,13 +279,25 @@ async fn every_reference_case_matches_over_one_stream() {
     let mut per_dtype: BTreeMap<String, Errors> = BTreeMap::new();
     let mut failures = Vec::new();
     for case in &cases {
-        let item = answers.message().await.expect("stream item").expect("an answer per request");
-        assert_eq!(item.request_id, case["name"].as_str().unwrap(), "answers come in request order");
+        let item = answers
+            .message()
+            .await
+            .expect("stream item")
+            .expect("an answer per request");
+        assert_eq!(
+            item.request_id,
+            case["name"].as_str().unwrap(),
+            "answers come in request order"
+        );
         let answer = match item.result.expect("result set") {
             proto::evaluate_stream_response::Result::Response(r) => Ok(r),
-            proto::evaluate_stream_response::Result::Error(e) => Err((tonic::Code::from_i32(e.code), e.message)),
+            proto::evaluate_stream_response::Result::Error(e) => {
+                Err((tonic::Code::from_i32(e.code), e.message))
+            }
         };
-        let errs = per_dtype.entry(case["dtype"].as_str().unwrap().to_string()).or_default();
+        let errs = per_dtype
+            .entry(case["dtype"].as_str().unwrap().to_string())
+            .or_default();
         if let Err(f) = check_answer(case, answer, errs) {
             failures.push(f);
         }

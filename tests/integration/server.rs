@@ -29,7 +29,10 @@ fn dense(x: proto::Tensor, y: proto::Tensor) -> EvaluateRequest {
 }
 
 fn example() -> EvaluateRequest {
-    dense(encode(&[2, 3], X.to_vec(), true), encode(&[2, 3], Y.to_vec(), true))
+    dense(
+        encode(&[2, 3], X.to_vec(), true),
+        encode(&[2, 3], Y.to_vec(), true),
+    )
 }
 
 fn floats(t: Option<proto::Tensor>) -> (Vec<usize>, Vec<f64>) {
@@ -38,7 +41,10 @@ fn floats(t: Option<proto::Tensor>) -> (Vec<usize>, Vec<f64>) {
 }
 
 fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
 }
 
 /// softmax - onehot for the spec example, in f64.
@@ -47,7 +53,11 @@ fn example_grad() -> Vec<f64> {
     for r in 0..2 {
         let row: Vec<f64> = X[r * 3..r * 3 + 3].iter().map(|&v| f64::from(v)).collect();
         let s: f64 = row.iter().map(|v| v.exp()).sum();
-        g.extend(row.iter().enumerate().map(|(j, v)| v.exp() / s - f64::from(Y[r * 3 + j])));
+        g.extend(
+            row.iter()
+                .enumerate()
+                .map(|(j, v)| v.exp() / s - f64::from(Y[r * 3 + j])),
+        );
     }
     g
 }
@@ -58,21 +68,33 @@ async fn health_and_reflection_report_the_services() {
     assert_eq!(server.health("").await, ServingStatus::Serving);
     assert_eq!(server.health("xent.v1.Xent").await, ServingStatus::Serving);
 
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut r = ServerReflectionClient::new(server.channel().await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut answers = r.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response else {
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = r
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
         panic!("no service list")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for want in ["xent.v1.Xent", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
-    server.stop().await.expect("serve returns cleanly after shutdown");
+    server
+        .stop()
+        .await
+        .expect("serve returns cleanly after shutdown");
 }
 
 #[tokio::test]
@@ -82,14 +104,42 @@ async fn every_dtype_both_encodings_and_output_selection() {
     let grad = example_grad();
     for raw in [true, false] {
         let cases: Vec<(EvaluateRequest, f64)> = vec![
-            (dense(encode(&[2, 3], X.map(f16::from_f32).to_vec(), raw), encode(&[2, 3], Y.map(f16::from_f32).to_vec(), raw)), 4e-3),
-            (dense(encode(&[2, 3], X.map(bf16::from_f32).to_vec(), raw), encode(&[2, 3], Y.map(bf16::from_f32).to_vec(), raw)), 2e-2),
-            (dense(encode(&[2, 3], X.to_vec(), raw), encode(&[2, 3], Y.to_vec(), raw)), 3e-5),
-            (dense(encode(&[2, 3], X.map(f64::from).to_vec(), raw), encode(&[2, 3], Y.map(f64::from).to_vec(), raw)), 1e-8),
+            (
+                dense(
+                    encode(&[2, 3], X.map(f16::from_f32).to_vec(), raw),
+                    encode(&[2, 3], Y.map(f16::from_f32).to_vec(), raw),
+                ),
+                4e-3,
+            ),
+            (
+                dense(
+                    encode(&[2, 3], X.map(bf16::from_f32).to_vec(), raw),
+                    encode(&[2, 3], Y.map(bf16::from_f32).to_vec(), raw),
+                ),
+                2e-2,
+            ),
+            (
+                dense(
+                    encode(&[2, 3], X.to_vec(), raw),
+                    encode(&[2, 3], Y.to_vec(), raw),
+                ),
+                3e-5,
+            ),
+            (
+                dense(
+                    encode(&[2, 3], X.map(f64::from).to_vec(), raw),
+                    encode(&[2, 3], Y.map(f64::from).to_vec(), raw),
+                ),
+                1e-8,
+            ),
         ];
         for (mut req, tol) in cases {
             let dtype = req.logits.as_ref().unwrap().dtype;
-            req.response_encoding = if raw { proto::Encoding::Raw } else { proto::Encoding::Typed } as i32;
+            req.response_encoding = if raw {
+                proto::Encoding::Raw
+            } else {
+                proto::Encoding::Typed
+            } as i32;
             let resp = c.evaluate(req).await.unwrap().into_inner();
             let loss = resp.loss.clone().unwrap();
             assert_eq!(loss.dtype, dtype, "outputs keep the logits' dtype");
@@ -109,7 +159,11 @@ async fn every_dtype_both_encodings_and_output_selection() {
     assert!(resp.loss.is_none() && resp.grad_logits.is_none());
     let (_, gy) = floats(resp.grad_labels);
     // d loss / d y_j = -log_softmax_j
-    let expected: Vec<f64> = grad.iter().zip(Y).map(|(g, y)| -(g + f64::from(y)).ln()).collect();
+    let expected: Vec<f64> = grad
+        .iter()
+        .zip(Y)
+        .map(|(g, y)| -(g + f64::from(y)).ln())
+        .collect();
     assert!(close(&gy, &expected, 1e-5), "{gy:?}");
 }
 
@@ -117,7 +171,10 @@ async fn every_dtype_both_encodings_and_output_selection() {
 async fn sparse_ids_of_both_widths_with_options() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    for ids in [encode(&[2], vec![1i32, 2], true), encode(&[2], vec![1i64, 2], false)] {
+    for ids in [
+        encode(&[2], vec![1i32, 2], true),
+        encode(&[2], vec![1i64, 2], false),
+    ] {
         let req = EvaluateRequest {
             loss: LossKind::SparseSoftmaxCrossEntropy as i32,
             logits: Some(encode(&[2, 3], X.to_vec(), true)),
@@ -152,7 +209,10 @@ async fn sparse_ids_of_both_widths_with_options() {
 }
 
 /// The status of a call that must fail, with its BadRequest field.
-async fn refusal(c: &mut crate::common::Client, req: EvaluateRequest) -> (Code, String, Option<String>) {
+async fn refusal(
+    c: &mut crate::common::Client,
+    req: EvaluateRequest,
+) -> (Code, String, Option<String>) {
     let status = c.evaluate(req).await.expect_err("must be refused");
     let field = status
         .get_details_bad_request()
@@ -229,10 +289,26 @@ async fn every_refusal_names_its_field() {
         labels: Some(ids),
         ..Default::default()
     };
-    cases.push(("labels", sparse(encode(&[2], vec![0i64, 3], true)), "class id 3 at index [1]"));
-    cases.push(("labels", sparse(encode(&[2], vec![-1i32, 0], true)), "out of range"));
-    cases.push(("labels", sparse(encode(&[2, 1], vec![0i64, 1], true)), "shape"));
-    cases.push(("labels", sparse(encode(&[2], vec![0.0f32, 1.0], true)), "int32 or int64"));
+    cases.push((
+        "labels",
+        sparse(encode(&[2], vec![0i64, 3], true)),
+        "class id 3 at index [1]",
+    ));
+    cases.push((
+        "labels",
+        sparse(encode(&[2], vec![-1i32, 0], true)),
+        "out of range",
+    ));
+    cases.push((
+        "labels",
+        sparse(encode(&[2, 1], vec![0i64, 1], true)),
+        "shape",
+    ));
+    cases.push((
+        "labels",
+        sparse(encode(&[2], vec![0.0f32, 1.0], true)),
+        "int32 or int64",
+    ));
     let mut r = sparse(encode(&[2], vec![0i64, 1], true));
     r.outputs = vec![Output::GradLabels as i32];
     cases.push(("outputs", r, "no gradient"));
@@ -248,8 +324,15 @@ async fn every_refusal_names_its_field() {
     for (field, req, contains) in cases {
         let (code, message, detail) = refusal(&mut c, req).await;
         assert_eq!(code, Code::InvalidArgument, "{field}: {message}");
-        assert!(message.starts_with(field) && message.contains(contains), "{field}/{contains}: {message}");
-        assert_eq!(detail.as_deref(), Some(field), "BadRequest names the field: {message}");
+        assert!(
+            message.starts_with(field) && message.contains(contains),
+            "{field}/{contains}: {message}"
+        );
+        assert_eq!(
+            detail.as_deref(),
+            Some(field),
+            "BadRequest names the field: {message}"
+        );
     }
     assert_eq!(server.health("").await, ServingStatus::Serving);
 }
@@ -258,8 +341,15 @@ async fn every_refusal_names_its_field() {
 async fn empty_batches_are_valid() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    for reduction in [Reduction::None, Reduction::Mean, Reduction::SumByNonzeroWeights] {
-        let mut req = dense(encode(&[0, 5], Vec::<f32>::new(), true), encode(&[0, 5], Vec::<f32>::new(), true));
+    for reduction in [
+        Reduction::None,
+        Reduction::Mean,
+        Reduction::SumByNonzeroWeights,
+    ] {
+        let mut req = dense(
+            encode(&[0, 5], Vec::<f32>::new(), true),
+            encode(&[0, 5], Vec::<f32>::new(), true),
+        );
         req.reduction = reduction as i32;
         let resp = c.evaluate(req).await.unwrap().into_inner();
         let (shape, l) = floats(resp.loss);
@@ -284,14 +374,21 @@ async fn a_stream_answers_in_order_and_survives_a_bad_request() {
         }
         reqs.push(r);
     }
-    let mut answers = c.evaluate_stream(futures::stream::iter(reqs)).await.unwrap().into_inner();
+    let mut answers = c
+        .evaluate_stream(futures::stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
     for k in 0..6 {
         let a = answers.message().await.unwrap().expect("answer");
         assert_eq!(a.request_id, format!("batch-{k}"));
         match a.result.unwrap() {
             proto::evaluate_stream_response::Result::Error(e) => {
                 assert_eq!(k, 3);
-                assert_eq!((e.code, e.field.as_str()), (Code::InvalidArgument as i32, "axis"));
+                assert_eq!(
+                    (e.code, e.field.as_str()),
+                    (Code::InvalidArgument as i32, "axis")
+                );
             }
             proto::evaluate_stream_response::Result::Response(r) => {
                 assert_ne!(k, 3);
@@ -307,14 +404,27 @@ async fn a_128k_vocabulary_batch_fits_the_default_message_limits() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let (rows, classes) = (16, 128_256);
-    let x: Vec<f32> = (0..rows * classes).map(|k| ((k * 2_654_435_761usize) % 1000) as f32 / 100.0).collect();
+    let x: Vec<f32> = (0..rows * classes)
+        .map(|k| ((k * 2_654_435_761usize) % 1000) as f32 / 100.0)
+        .collect();
     let mut y = vec![0.0f32; rows * classes];
     for r in 0..rows {
         y[r * classes + (r * 7919) % classes] = 1.0;
     }
-    let mut req = dense(encode(&[rows, classes], x, true), encode(&[rows, classes], y, true));
-    req.outputs = vec![Output::Loss as i32, Output::GradLogits as i32, Output::GradLabels as i32];
-    let resp = c.evaluate(req).await.expect("a 16 MiB request and a 16 MiB answer pass").into_inner();
+    let mut req = dense(
+        encode(&[rows, classes], x, true),
+        encode(&[rows, classes], y, true),
+    );
+    req.outputs = vec![
+        Output::Loss as i32,
+        Output::GradLogits as i32,
+        Output::GradLabels as i32,
+    ];
+    let resp = c
+        .evaluate(req)
+        .await
+        .expect("a 16 MiB request and a 16 MiB answer pass")
+        .into_inner();
     let (shape, g) = floats(resp.grad_logits);
     assert_eq!(shape, vec![rows, classes]);
     // Each row of softmax - onehot sums to zero.
@@ -339,9 +449,13 @@ async fn hostile_requests_never_panic_or_stop_the_server() {
     };
     for _ in 0..300 {
         let rank = (next() % 4) as usize;
-        let shape: Vec<i64> = (0..rank).map(|_| (next() % 5) as i64 - (next() % 8 == 0) as i64).collect();
+        let shape: Vec<i64> = (0..rank)
+            .map(|_| (next() % 5) as i64 - (next() % 8 == 0) as i64)
+            .collect();
         let count: usize = shape.iter().map(|&d| d.max(0) as usize).product();
-        let bytes = (count * 4).saturating_add((next() % 3) as usize).saturating_sub(1);
+        let bytes = (count * 4)
+            .saturating_add((next() % 3) as usize)
+            .saturating_sub(1);
         let tensor = |dtype: i32, n: usize| proto::Tensor {
             dtype,
             shape: shape.clone(),
@@ -377,16 +491,31 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
         .spawn()
         .expect("xentd starts");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").expect("first stdout line names the address").to_string();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("first stdout line names the address")
+        .to_string();
     let endpoint = format!("http://{addr}");
-    let channel = tonic::transport::Channel::from_shared(endpoint).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut c = xent::proto::xent_client::XentClient::new(channel.clone())
         .max_decoding_message_size(1 << 30)
         .max_encoding_message_size(1 << 30);
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     for _ in 0..500 {
-        let s = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+        let s = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
         if s.into_inner().status() == ServingStatus::Serving {
             break;
         }
@@ -394,14 +523,30 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
     }
     // A call in flight when SIGTERM arrives still gets its answer.
     let (rows, classes) = (64, 128_256);
-    let big = dense(encode(&[rows, classes], vec![0.25f64; rows * classes], true), encode(&[rows, classes], vec![1.0 / classes as f64; rows * classes], true));
+    let big = dense(
+        encode(&[rows, classes], vec![0.25f64; rows * classes], true),
+        encode(
+            &[rows, classes],
+            vec![1.0 / classes as f64; rows * classes],
+            true,
+        ),
+    );
     let in_flight = tokio::spawn(async move { c.evaluate(big).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
-    let answer = in_flight.await.unwrap().expect("the call in flight completes");
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight completes");
     let (_, l) = floats(answer.into_inner().loss);
     assert!(close(&l[..1], &[(classes as f64).ln()], 1e-9));
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "xentd exits 0 after draining: {status:?}");
 }
