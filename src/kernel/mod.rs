@@ -214,6 +214,7 @@ pub fn evaluate<T: Element>(
         if let Some(f) = &fast {
             let c = classes;
             let mut g = grad_logits.as_mut().and_then(|g| g.as_slice_mut());
+            let mut scratch = simd::row::Scratch::new();
             for (k, loss) in losses.iter_mut().enumerate() {
                 let r = first_outer + k;
                 let grow = g.as_deref_mut().map(|g| &mut g[k * c..(k + 1) * c]);
@@ -223,7 +224,7 @@ pub fn evaluate<T: Element>(
                     }
                     0.0
                 } else {
-                    sample(r) * f.row(problem, r, grow, scale(r))
+                    sample(r) * f.row(&mut scratch, problem, r, grow, scale(r))
                 };
             }
             return;
@@ -301,7 +302,14 @@ fn fast_inputs<'a, T: Element>(
 
 impl<T: Element> FastInputs<'_, T> {
     /// The unweighted loss of row `r`, writing `scale * d loss / d x` into `grad`.
-    fn row(&self, p: &Problem<'_, T>, r: usize, grad: Option<&mut [T]>, scale: f64) -> f64 {
+    fn row(
+        &self,
+        scratch: &mut simd::row::Scratch,
+        p: &Problem<'_, T>,
+        r: usize,
+        grad: Option<&mut [T]>,
+        scale: f64,
+    ) -> f64 {
         use crate::dtype::DType;
         let c = self.classes;
         let x = &self.x[r * c..(r + 1) * c];
@@ -311,8 +319,10 @@ impl<T: Element> FastInputs<'_, T> {
             Labels::Dense(_) => 0,
         };
         let z = p.options.z_loss;
+        #[allow(clippy::too_many_arguments)]
         fn go<U: simd::row::FastElem + bytemuck::Pod, T: bytemuck::Pod>(
             f: &FastInputs<'_, T>,
+            scratch: &mut simd::row::Scratch,
             x: &[T],
             y: Option<&[T]>,
             target: usize,
@@ -335,6 +345,7 @@ impl<T: Element> FastInputs<'_, T> {
             let grad = grad.map(bytemuck::cast_slice_mut::<T, U>);
             simd::fast_row(
                 f.level,
+                scratch,
                 bytemuck::cast_slice::<T, U>(x),
                 &labels,
                 z,
@@ -343,9 +354,9 @@ impl<T: Element> FastInputs<'_, T> {
             )
         }
         match T::DTYPE {
-            DType::F32 => go::<f32, T>(self, x, y, target, z, grad, scale),
-            DType::BF16 => go::<half::bf16, T>(self, x, y, target, z, grad, scale),
-            DType::F16 => go::<half::f16, T>(self, x, y, target, z, grad, scale),
+            DType::F32 => go::<f32, T>(self, scratch, x, y, target, z, grad, scale),
+            DType::BF16 => go::<half::bf16, T>(self, scratch, x, y, target, z, grad, scale),
+            DType::F16 => go::<half::f16, T>(self, scratch, x, y, target, z, grad, scale),
             _ => unreachable!("fast_inputs admits only types computed in f32"),
         }
     }

@@ -34,6 +34,25 @@ pub enum FastLabels<'a, T> {
     },
 }
 
+/// Per-task buffers for widening halves and narrowing gradients: made once per block of rows
+/// by the caller, so rows allocate and clear nothing.
+pub struct Scratch {
+    x: [f32; BLOCK],
+    y: [f32; BLOCK],
+    g: [f32; BLOCK],
+}
+
+impl Scratch {
+    /// Zeroed buffers, on the heap.
+    pub fn new() -> Box<Scratch> {
+        Box::new(Scratch {
+            x: [0.0; BLOCK],
+            y: [0.0; BLOCK],
+            g: [0.0; BLOCK],
+        })
+    }
+}
+
 /// Element types the fast path computes in `f32`.
 pub trait FastElem: Copy {
     /// The block `src` as `f32`, widened into `buf` unless it already is `f32`.
@@ -112,6 +131,7 @@ fn lane_sum(v: &[f64; W]) -> f64 {
 /// The unweighted loss of one row, writing `scale * d loss / d x` into `grad` when given.
 #[inline(always)]
 fn body<T: FastElem>(
+    scratch: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z_loss: f64,
@@ -119,8 +139,11 @@ fn body<T: FastElem>(
     scale: f64,
 ) -> f64 {
     let c = x.len();
-    let mut xbuf = [0.0f32; BLOCK];
-    let mut ybuf = [0.0f32; BLOCK];
+    let Scratch {
+        x: xbuf,
+        y: ybuf,
+        g: gbuf,
+    } = scratch;
     // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, with poison detection.
     let mut m = f32::NEG_INFINITY;
     let mut s64 = [0.0f64; W];
@@ -128,7 +151,7 @@ fn body<T: FastElem>(
     let mut bad = 0u32;
     for b in (0..c).step_by(BLOCK) {
         let e = c.min(b + BLOCK);
-        let xs = T::widen(&x[b..e], &mut xbuf);
+        let xs = T::widen(&x[b..e], xbuf);
         let mut mx = [f32::NEG_INFINITY; W];
         let mut poison = [0u32; W];
         for_vectors(xs, f32::NEG_INFINITY, |v| {
@@ -163,7 +186,7 @@ fn body<T: FastElem>(
             s64[l] += f64::from(acc[l]);
         }
         if let FastLabels::Dense { y, .. } = labels {
-            let ys = T::widen(&y[b..e], &mut ybuf);
+            let ys = T::widen(&y[b..e], ybuf);
             let mut acc = [0.0f32; W];
             for_vectors(ys, 0.0, |v| {
                 for l in 0..W {
@@ -200,12 +223,11 @@ fn body<T: FastElem>(
     let a = match labels {
         FastLabels::Dense { y, .. } => {
             let mut a64 = [0.0f64; W];
-            let mut gbuf = [0.0f32; BLOCK];
             let mut grad = grad;
             for b in (0..c).step_by(BLOCK) {
                 let e = c.min(b + BLOCK);
-                let xs = T::widen(&x[b..e], &mut xbuf);
-                let ys = T::widen(&y[b..e], &mut ybuf);
+                let xs = T::widen(&x[b..e], xbuf);
+                let ys = T::widen(&y[b..e], ybuf);
                 let mut acc = [0.0f32; W];
                 let mut block = |out: Option<&mut [f32]>| {
                     let mut out = out.map(|o| o.chunks_mut(W));
@@ -234,7 +256,7 @@ fn body<T: FastElem>(
                     });
                 };
                 match grad.as_deref_mut() {
-                    Some(g) => T::narrow(&mut g[b..e], &mut gbuf, |o| block(Some(o))),
+                    Some(g) => T::narrow(&mut g[b..e], gbuf, |o| block(Some(o))),
                     None => block(None),
                 }
                 // Tail lanes were padded with y = 0 and x = -inf: they added nothing.
@@ -249,12 +271,11 @@ fn body<T: FastElem>(
             let mut d64 = [0.0f64; W];
             let smoothed = add != 0.0;
             if let Some(g) = grad {
-                let mut gbuf = [0.0f32; BLOCK];
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = T::widen(&x[b..e], &mut xbuf);
+                    let xs = T::widen(&x[b..e], xbuf);
                     let mut acc = [0.0f32; W];
-                    T::narrow(&mut g[b..e], &mut gbuf, |o| {
+                    T::narrow(&mut g[b..e], gbuf, |o| {
                         let mut out = o.chunks_mut(W);
                         for_vectors(xs, m, |v| {
                             let mut d = [0.0f32; W];
@@ -276,12 +297,12 @@ fn body<T: FastElem>(
                         d64[l] += f64::from(acc[l]);
                     }
                 }
-                let dt = x_at(x, target, &mut xbuf) - m;
+                let dt = x_at(x, target, xbuf) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
             } else if smoothed {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = T::widen(&x[b..e], &mut xbuf);
+                    let xs = T::widen(&x[b..e], xbuf);
                     let mut acc = [0.0f32; W];
                     // Padding with m adds d = 0.
                     for_vectors(xs, m, |v| {
@@ -294,7 +315,7 @@ fn body<T: FastElem>(
                     }
                 }
             }
-            let dt = f64::from(x_at(x, target, &mut xbuf) - m);
+            let dt = f64::from(x_at(x, target, xbuf) - m);
             let sum_d = if smoothed { add * lane_sum(&d64) } else { 0.0 };
             keep * dt + sum_d
         }
@@ -311,36 +332,39 @@ fn x_at<T: FastElem>(x: &[T], j: usize, buf: &mut [f32; BLOCK]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn body_avx512<T: FastElem>(
+    s: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
 ) -> f64 {
-    body(x, labels, z, grad, scale)
+    body(s, x, labels, z, grad, scale)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn body_avx2<T: FastElem>(
+    s: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
 ) -> f64 {
-    body(x, labels, z, grad, scale)
+    body(s, x, labels, z, grad, scale)
 }
 
 #[inline(never)]
 fn body_portable<T: FastElem>(
+    s: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
 ) -> f64 {
-    body(x, labels, z, grad, scale)
+    body(s, x, labels, z, grad, scale)
 }
 
 /// The unweighted loss of one contiguous row of logits, writing `scale * d loss / d x` into
@@ -348,6 +372,7 @@ fn body_portable<T: FastElem>(
 /// [`Level::General`] is treated as portable).
 pub fn fast_row<T: FastElem>(
     level: Level,
+    scratch: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z_loss: f64,
@@ -358,10 +383,128 @@ pub fn fast_row<T: FastElem>(
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` was capped at what `is_x86_feature_detected!` found.
-        Level::Avx512 => unsafe { body_avx512(x, labels, z_loss, grad, scale) },
+        Level::Avx512 => unsafe { body_avx512(scratch, x, labels, z_loss, grad, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Level::Avx2 => unsafe { body_avx2(x, labels, z_loss, grad, scale) },
-        _ => body_portable(x, labels, z_loss, grad, scale),
+        Level::Avx2 => unsafe { body_avx2(scratch, x, labels, z_loss, grad, scale) },
+        _ => body_portable(scratch, x, labels, z_loss, grad, scale),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(c: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..c)
+            .map(|k| ((k * 7919) % 1013) as f32 / 37.0 - 13.0)
+            .collect();
+        let y = (0..c)
+            .map(|k| if k % 97 == 3 { 0.25 } else { 0.0 })
+            .collect();
+        (x, y)
+    }
+
+    #[test]
+    fn every_level_gives_the_same_bits() {
+        for c in [1, 15, 17, 1000, 1025, 5000] {
+            let (x, y) = row(c);
+            let labels = [
+                FastLabels::Dense {
+                    y: &y[..],
+                    keep: 0.9,
+                    add: 0.1 / c as f64,
+                },
+                FastLabels::Sparse {
+                    target: c / 2,
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Sparse {
+                    target: c - 1,
+                    keep: 0.8,
+                    add: 0.2 / c as f64,
+                },
+            ];
+            for lab in &labels {
+                let mut first: Option<(u64, Vec<u32>)> = None;
+                for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                    let mut g = vec![0.0f32; c];
+                    let loss =
+                        fast_row(level, &mut Scratch::new(), &x, lab, 1e-4, Some(&mut g), 0.5);
+                    let bits = (
+                        loss.to_bits(),
+                        g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    );
+                    match &first {
+                        None => first = Some(bits),
+                        Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_rules_hold_on_the_fast_path() {
+        let sparse = FastLabels::Sparse {
+            target: 1,
+            keep: 1.0,
+            add: 0.0,
+        };
+        let mut g = vec![0.0f32; 20];
+        let mut x = vec![0.0f32; 20];
+        x[0] = f32::NEG_INFINITY;
+        let loss = fast_row(
+            Level::detected(),
+            &mut Scratch::new(),
+            &x,
+            &sparse,
+            0.0,
+            Some(&mut g),
+            1.0,
+        );
+        assert!((loss - 19f64.ln()).abs() < 1e-6 && g[0] == 0.0);
+        x[17] = f32::NAN;
+        assert!(
+            fast_row(
+                Level::detected(),
+                &mut Scratch::new(),
+                &x,
+                &sparse,
+                0.0,
+                Some(&mut g),
+                1.0
+            )
+            .is_nan()
+        );
+        assert!(g.iter().all(|v| v.is_nan()));
+        let x = vec![f32::NEG_INFINITY; 20];
+        assert!(
+            fast_row(
+                Level::detected(),
+                &mut Scratch::new(),
+                &x,
+                &sparse,
+                0.0,
+                None,
+                1.0
+            )
+            .is_nan()
+        );
+        let mut x = vec![0.0f32; 20];
+        x[1] = f32::NEG_INFINITY;
+        assert_eq!(
+            fast_row(
+                Level::detected(),
+                &mut Scratch::new(),
+                &x,
+                &sparse,
+                0.0,
+                None,
+                1.0
+            ),
+            f64::INFINITY
+        );
     }
 }
