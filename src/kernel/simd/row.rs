@@ -157,7 +157,7 @@ fn body<T: FastElem>(
         for_vectors(xs, f32::NEG_INFINITY, |v| {
             for l in 0..W {
                 mx[l] = if v[l] > mx[l] { v[l] } else { mx[l] };
-                poison[l] |= u32::from(!(v[l] < f32::INFINITY));
+                poison[l] |= u32::from(v[l].is_nan() | (v[l] == f32::INFINITY));
             }
         });
         bad |= poison.iter().fold(0, |a, &p| a | p);
