@@ -28,7 +28,7 @@ MODULES = ["numpy", "tensorflow", "jax", "torch"]
 
 def ensure_venv():
     py = os.path.join(VENV, "bin", "python")
-    if os.path.realpath(sys.executable) == os.path.realpath(py) or os.environ.get("XENT_ANCHORS_INNER"):
+    if os.path.realpath(sys.prefix) == os.path.realpath(VENV) or os.environ.get("XENT_ANCHORS_INNER"):
         return
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
