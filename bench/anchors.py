@@ -130,7 +130,7 @@ def frameworks():
 
 def xent():
     env = dict(os.environ, XENT_BENCH_QUICK="1")
-    subprocess.run(["cargo", "bench", "--quiet", "--bench", "kernel", "--", "kernel-f32", "triad"],
+    subprocess.run(["cargo", "bench", "--quiet", "--bench", "kernel", "--", "kernel-f32|triad"],
                    cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     out = {}
