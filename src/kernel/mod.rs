@@ -19,6 +19,7 @@ mod options;
 pub mod reduce;
 pub mod reference;
 mod rows;
+pub mod simd;
 
 use ndarray::{ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3, ShapeBuilder};
 use rayon::prelude::*;
@@ -198,9 +199,11 @@ pub fn evaluate<T: Element>(
         (Some(d), _) => reduce::safe_div(sample(r), d),
     };
 
+    let grads_labels_wanted = grads.labels.is_some();
     let mut losses = vec![0.0f64; rows];
     let block_outer = BLOCK_ELEMENTS.div_ceil((classes * inner).max(1)).max(1);
     let blocks = split_blocks(outer, block_outer, inner, &mut losses, grads);
+    let fast = fast_inputs(problem, &grads_labels_wanted, layout);
     let run = |b: Block<'_, '_, T>| {
         let Block {
             first_outer,
@@ -208,6 +211,24 @@ pub fn evaluate<T: Element>(
             mut grad_logits,
             mut grad_labels,
         } = b;
+        if let Some(f) = &fast {
+            let c = classes;
+            let mut g = grad_logits.as_mut().and_then(|g| g.as_slice_mut());
+            let mut scratch = simd::row::Scratch::new();
+            for (k, loss) in losses.iter_mut().enumerate() {
+                let r = first_outer + k;
+                let grow = g.as_deref_mut().map(|g| &mut g[k * c..(k + 1) * c]);
+                *loss = if ignored(r) {
+                    if let Some(g) = grow {
+                        g.fill(T::from_f64(0.0));
+                    }
+                    0.0
+                } else {
+                    sample(r) * f.row(&mut scratch, problem, r, grow, scale(r))
+                };
+            }
+            return;
+        }
         for (k, loss) in losses.iter_mut().enumerate() {
             let (o, i) = (first_outer + k / inner, k % inner);
             let r = o * inner + i;
@@ -234,6 +255,111 @@ pub fn evaluate<T: Element>(
         None => Loss::PerExample(losses),
         Some(d) => Loss::Reduced(reduce::safe_div(reduce::ordered_sum(&losses), d)),
     })
+}
+
+/// What the vector fast path ([`simd`]) needs: contiguous rows (class axis last), logits,
+/// no class weights, no labels gradient, a type computed in `f32`.
+struct FastInputs<'a, T> {
+    level: simd::Level,
+    x: &'a [T],
+    y: Option<&'a [T]>,
+    classes: usize,
+    keep: f64,
+    add: f64,
+}
+
+fn fast_inputs<'a, T: Element>(
+    p: &Problem<'a, T>,
+    labels_grad: &bool,
+    layout: Layout,
+) -> Option<FastInputs<'a, T>> {
+    let level = simd::Level::current();
+    let opts = &p.options;
+    if level == simd::Level::General
+        || layout.inner != 1
+        || !opts.from_logits
+        || p.class_weights.is_some()
+        || *labels_grad
+        || T::DTYPE == crate::dtype::DType::F64
+    {
+        return None;
+    }
+    let x = p.logits.to_slice()?;
+    let y = match p.labels {
+        Labels::Dense(y) => Some(y.to_slice()?),
+        Labels::Sparse(_) => None,
+    };
+    let c = layout.classes as f64;
+    Some(FastInputs {
+        level,
+        x,
+        y,
+        classes: layout.classes,
+        keep: 1.0 - opts.label_smoothing,
+        add: opts.label_smoothing / c,
+    })
+}
+
+impl<T: Element> FastInputs<'_, T> {
+    /// The unweighted loss of row `r`, writing `scale * d loss / d x` into `grad`.
+    fn row(
+        &self,
+        scratch: &mut simd::row::Scratch,
+        p: &Problem<'_, T>,
+        r: usize,
+        grad: Option<&mut [T]>,
+        scale: f64,
+    ) -> f64 {
+        use crate::dtype::DType;
+        let c = self.classes;
+        let x = &self.x[r * c..(r + 1) * c];
+        let y = self.y.map(|y| &y[r * c..(r + 1) * c]);
+        let target = match p.labels {
+            Labels::Sparse(ids) => ids.get(r) as usize,
+            Labels::Dense(_) => 0,
+        };
+        let z = p.options.z_loss;
+        #[allow(clippy::too_many_arguments)]
+        fn go<U: simd::row::FastElem + bytemuck::Pod, T: bytemuck::Pod>(
+            f: &FastInputs<'_, T>,
+            scratch: &mut simd::row::Scratch,
+            x: &[T],
+            y: Option<&[T]>,
+            target: usize,
+            z: f64,
+            grad: Option<&mut [T]>,
+            scale: f64,
+        ) -> f64 {
+            let labels = match y {
+                Some(y) => simd::FastLabels::Dense {
+                    y: bytemuck::cast_slice::<T, U>(y),
+                    keep: f.keep,
+                    add: f.add,
+                },
+                None => simd::FastLabels::Sparse {
+                    target,
+                    keep: f.keep,
+                    add: f.add,
+                },
+            };
+            let grad = grad.map(bytemuck::cast_slice_mut::<T, U>);
+            simd::fast_row(
+                f.level,
+                scratch,
+                bytemuck::cast_slice::<T, U>(x),
+                &labels,
+                z,
+                grad,
+                scale,
+            )
+        }
+        match T::DTYPE {
+            DType::F32 => go::<f32, T>(self, scratch, x, y, target, z, grad, scale),
+            DType::BF16 => go::<half::bf16, T>(self, scratch, x, y, target, z, grad, scale),
+            DType::F16 => go::<half::f16, T>(self, scratch, x, y, target, z, grad, scale),
+            _ => unreachable!("fast_inputs admits only types computed in f32"),
+        }
+    }
 }
 
 /// The unweighted loss of row `(o, i)`, writing its gradients.

@@ -1,0 +1,84 @@
+//! The vector fast path: contiguous rows (class axis last), logits in, no class weights.
+//!
+//! Why it looks like this:
+//! - **One body, several instruction sets.** The row math ([`row`]) is written once over
+//!   fixed 16-lane `f32` arrays and compiled three times: for the build's baseline (SSE2 on
+//!   x86-64, NEON on aarch64), for AVX2 and for AVX-512F, through `#[target_feature]` wrappers
+//!   chosen at run time ([`Level`]). The release binary therefore runs on any x86-64.
+//! - **The same bits at every level.** The body uses no fused multiply-add and sums in a fixed
+//!   lane order, so every level rounds identically: a row gives the same bits whatever level,
+//!   thread count or batch it was computed in (tested).
+//! - **Each row is read twice**: once for the statistics with an online maximum (blocks of
+//!   [`row::BLOCK`] elements; the running sum is rescaled by `exp(m_old - m_new)` when a block
+//!   raises the maximum), once for the gradient. Blocks are small enough to stay in L1 between
+//!   their max and sum sweeps.
+//! - **Sums whose error does not grow with `C`**: `f32` lanes within a block, `f64` across
+//!   blocks.
+//! - Halves are widened one block at a time into a stack buffer (no per-row allocation).
+//!
+//! `XENT_KERNEL_LEVEL` (`general`, `portable`, `avx2`, `avx512`) caps the level, for
+//! benchmarks and for the instruction-count guard (`scripts/kernel-guard`); `general` turns the
+//! fast path off so every row takes the general path of [`super::rows`].
+
+pub mod exp;
+pub mod row;
+
+use std::sync::OnceLock;
+
+/// Which compiled copy of the fast path runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// No fast path: every row takes the general (scalar, `f64` label) path.
+    General,
+    /// The build's baseline instruction set.
+    Portable,
+    /// AVX2 (x86-64).
+    Avx2,
+    /// AVX-512F (x86-64).
+    Avx512,
+}
+
+impl Level {
+    /// The best level this CPU supports.
+    pub fn detected() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Level::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Level::Avx2;
+            }
+        }
+        Level::Portable
+    }
+
+    /// Parses a level name as `XENT_KERNEL_LEVEL` takes it.
+    pub fn parse(s: &str) -> Option<Level> {
+        match s {
+            "general" => Some(Level::General),
+            "portable" | "scalar" => Some(Level::Portable),
+            "avx2" => Some(Level::Avx2),
+            "avx512" => Some(Level::Avx512),
+            _ => None,
+        }
+    }
+
+    /// The level in use: the detected one, capped by `XENT_KERNEL_LEVEL` when set (read once).
+    pub fn current() -> Level {
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let best = Level::detected();
+            match std::env::var("XENT_KERNEL_LEVEL")
+                .ok()
+                .as_deref()
+                .and_then(Level::parse)
+            {
+                Some(cap) => cap.min(best),
+                None => best,
+            }
+        })
+    }
+}
+
+pub(super) use row::{FastLabels, fast_row};

@@ -1,0 +1,529 @@
+//! One contiguous row on the fast path: statistics with an online maximum, then the gradient.
+//!
+//! The formulas are those of [`super::super::rows`] (spec §1–3, Deviation 1 and 4), restricted
+//! to rows without class weights: effective labels `y'_j = y_j (1 - eps) + eps / C` (dense) or
+//! `(1 - eps) [j == t] + eps / C` (class id `t`).
+
+use half::{bf16, f16};
+
+use super::Level;
+use super::exp::{V, W, exp_v, exp1};
+
+/// Elements per block: 4 KiB of `f32`, read twice from L1 in the statistics pass.
+pub const BLOCK: usize = 1024;
+
+/// The labels of a fast row.
+pub enum FastLabels<'a, T> {
+    /// A dense label row.
+    Dense {
+        /// The given labels.
+        y: &'a [T],
+        /// `1 - eps`.
+        keep: f64,
+        /// `eps / C`.
+        add: f64,
+    },
+    /// A class id.
+    Sparse {
+        /// The class id, in `[0, C)`.
+        target: usize,
+        /// `1 - eps`.
+        keep: f64,
+        /// `eps / C`.
+        add: f64,
+    },
+}
+
+/// Per-task buffers for widening halves and narrowing gradients: made once per block of rows
+/// by the caller, so rows allocate and clear nothing.
+pub struct Scratch {
+    x: [f32; BLOCK],
+    y: [f32; BLOCK],
+    g: [f32; BLOCK],
+}
+
+impl Scratch {
+    /// Zeroed buffers, on the heap.
+    pub fn new() -> Box<Scratch> {
+        Box::new(Scratch {
+            x: [0.0; BLOCK],
+            y: [0.0; BLOCK],
+            g: [0.0; BLOCK],
+        })
+    }
+}
+
+/// Element types the fast path computes in `f32`.
+pub trait FastElem: Copy {
+    /// The block `src` as `f32`, widened into `buf` unless it already is `f32`.
+    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32; BLOCK]) -> &'a [f32];
+    /// Runs `f` on an `f32` view of `dst` (a stack buffer rounded into `dst` after, for halves).
+    fn narrow(dst: &mut [Self], buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32]));
+    /// Rounds one value.
+    fn from_f32(v: f32) -> Self;
+}
+
+impl FastElem for f32 {
+    #[inline(always)]
+    fn widen<'a>(src: &'a [f32], _buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+        src
+    }
+    #[inline(always)]
+    fn narrow(dst: &mut [f32], _buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32])) {
+        f(dst)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+macro_rules! half_elem {
+    ($t:ty) => {
+        impl FastElem for $t {
+            #[inline(always)]
+            fn widen<'a>(src: &'a [$t], buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+                let out = &mut buf[..src.len()];
+                for (o, v) in out.iter_mut().zip(src) {
+                    *o = v.to_f32();
+                }
+                out
+            }
+            #[inline(always)]
+            fn narrow(dst: &mut [$t], buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32])) {
+                let tmp = &mut buf[..dst.len()];
+                f(tmp);
+                for (o, v) in dst.iter_mut().zip(tmp.iter()) {
+                    *o = <$t>::from_f32(*v);
+                }
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> $t {
+                <$t>::from_f32(v)
+            }
+        }
+    };
+}
+half_elem!(f16);
+half_elem!(bf16);
+
+/// Lane-wise loop over `x` in vectors of [`W`], the tail padded with `pad`.
+#[inline(always)]
+fn for_vectors(x: &[f32], pad: f32, mut f: impl FnMut(&V)) {
+    let mut chunks = x.chunks_exact(W);
+    for c in &mut chunks {
+        f(c.try_into().unwrap());
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut v = [pad; W];
+        v[..rest.len()].copy_from_slice(rest);
+        f(&v);
+    }
+}
+
+/// Sum of lanes in lane order.
+#[inline(always)]
+fn lane_sum(v: &[f64; W]) -> f64 {
+    v.iter().sum()
+}
+
+/// The unweighted loss of one row, writing `scale * d loss / d x` into `grad` when given.
+#[inline(always)]
+fn body<T: FastElem>(
+    scratch: &mut Scratch,
+    x: &[T],
+    labels: &FastLabels<'_, T>,
+    z_loss: f64,
+    grad: Option<&mut [T]>,
+    scale: f64,
+) -> f64 {
+    let c = x.len();
+    let Scratch {
+        x: xbuf,
+        y: ybuf,
+        g: gbuf,
+    } = scratch;
+    // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, with poison detection.
+    let mut m = f32::NEG_INFINITY;
+    let mut s64 = [0.0f64; W];
+    let mut y64 = [0.0f64; W];
+    let mut bad = 0u32;
+    for b in (0..c).step_by(BLOCK) {
+        let e = c.min(b + BLOCK);
+        let xs = T::widen(&x[b..e], xbuf);
+        let mut mx = [f32::NEG_INFINITY; W];
+        let mut poison = [0u32; W];
+        for_vectors(xs, f32::NEG_INFINITY, |v| {
+            for l in 0..W {
+                mx[l] = if v[l] > mx[l] { v[l] } else { mx[l] };
+                poison[l] |= u32::from(v[l].is_nan() | (v[l] == f32::INFINITY));
+            }
+        });
+        bad |= poison.iter().fold(0, |a, &p| a | p);
+        let bmax = mx
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+        if bmax > m {
+            let f = (f64::from(m) - f64::from(bmax)).exp();
+            for s in s64.iter_mut() {
+                *s *= f;
+            }
+            m = bmax;
+        }
+        let mut acc = [0.0f32; W];
+        for_vectors(xs, f32::NEG_INFINITY, |v| {
+            let mut d = [0.0f32; W];
+            for l in 0..W {
+                d[l] = v[l] - m;
+            }
+            let ex = exp_v(&d);
+            for l in 0..W {
+                acc[l] += ex[l];
+            }
+        });
+        for l in 0..W {
+            s64[l] += f64::from(acc[l]);
+        }
+        if let FastLabels::Dense { y, .. } = labels {
+            let ys = T::widen(&y[b..e], ybuf);
+            let mut acc = [0.0f32; W];
+            for_vectors(ys, 0.0, |v| {
+                for l in 0..W {
+                    acc[l] += v[l];
+                }
+            });
+            for l in 0..W {
+                y64[l] += f64::from(acc[l]);
+            }
+        }
+    }
+    if bad != 0 || m == f32::NEG_INFINITY {
+        if let Some(g) = grad {
+            g.fill(T::from_f32(f32::NAN));
+        }
+        return f64::NAN;
+    }
+    let s = lane_sum(&s64);
+    let log_s = s.ln();
+    let lse = f64::from(m) + log_s;
+    let (keep, add) = match *labels {
+        FastLabels::Dense { keep, add, .. } | FastLabels::Sparse { keep, add, .. } => (keep, add),
+    };
+    let y_sum = match labels {
+        FastLabels::Dense { .. } => keep * lane_sum(&y64) + add * c as f64,
+        FastLabels::Sparse { .. } => keep + add * c as f64,
+    };
+    // Gradient factor: softmax_j * k - y'_j = e_j * (k / S) - y'_j.
+    let k = ((y_sum + 2.0 * z_loss * lse) / s) as f32;
+    let sc = scale as f32;
+    let (keep32, add32) = (keep as f32, add as f32);
+
+    // Pass 2: gradients and A = sum_{y' != 0} y' (x - m) (dense), or sum (x - m) (smoothed ids).
+    let a = match labels {
+        FastLabels::Dense { y, .. } => {
+            let mut a64 = [0.0f64; W];
+            let mut grad = grad;
+            for b in (0..c).step_by(BLOCK) {
+                let e = c.min(b + BLOCK);
+                let xs = T::widen(&x[b..e], xbuf);
+                let ys = T::widen(&y[b..e], ybuf);
+                let mut acc = [0.0f32; W];
+                let mut block = |out: Option<&mut [f32]>| {
+                    let mut out = out.map(|o| o.chunks_mut(W));
+                    let mut yv = ys.chunks(W);
+                    for_vectors(xs, f32::NEG_INFINITY, |v| {
+                        let yc = yv.next().unwrap();
+                        let mut yy = [0.0f32; W];
+                        yy[..yc.len()].copy_from_slice(yc);
+                        let mut d = [0.0f32; W];
+                        for l in 0..W {
+                            d[l] = v[l] - m;
+                            yy[l] = yy[l] * keep32 + add32;
+                        }
+                        // Padding lanes carry no label (and x = -inf).
+                        yy[yc.len()..].fill(0.0);
+                        let ex = exp_v(&d);
+                        let mut g = [0.0f32; W];
+                        for l in 0..W {
+                            g[l] = sc * (ex[l] * k - yy[l]);
+                            acc[l] += if yy[l] != 0.0 { yy[l] * d[l] } else { 0.0 };
+                        }
+                        if let Some(o) = out.as_mut().and_then(Iterator::next) {
+                            let n = o.len();
+                            o.copy_from_slice(&g[..n]);
+                        }
+                    });
+                };
+                match grad.as_deref_mut() {
+                    Some(g) => T::narrow(&mut g[b..e], gbuf, |o| block(Some(o))),
+                    None => block(None),
+                }
+                // Tail lanes were padded with y = 0 and x = -inf: they added nothing.
+                for l in 0..W {
+                    a64[l] += f64::from(acc[l]);
+                }
+            }
+            lane_sum(&a64)
+        }
+        FastLabels::Sparse { target, .. } => {
+            let target = *target;
+            let mut d64 = [0.0f64; W];
+            let smoothed = add != 0.0;
+            if let Some(g) = grad {
+                for b in (0..c).step_by(BLOCK) {
+                    let e = c.min(b + BLOCK);
+                    let xs = T::widen(&x[b..e], xbuf);
+                    let mut acc = [0.0f32; W];
+                    T::narrow(&mut g[b..e], gbuf, |o| {
+                        let mut out = o.chunks_mut(W);
+                        for_vectors(xs, m, |v| {
+                            let mut d = [0.0f32; W];
+                            for l in 0..W {
+                                d[l] = v[l] - m;
+                            }
+                            let ex = exp_v(&d);
+                            let mut gv = [0.0f32; W];
+                            for l in 0..W {
+                                gv[l] = sc * (ex[l] * k - add32);
+                                acc[l] += d[l];
+                            }
+                            let o = out.next().unwrap();
+                            let n = o.len();
+                            o.copy_from_slice(&gv[..n]);
+                        });
+                    });
+                    for l in 0..W {
+                        d64[l] += f64::from(acc[l]);
+                    }
+                }
+                let dt = x_at(x, target, xbuf) - m;
+                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
+            } else if smoothed {
+                for b in (0..c).step_by(BLOCK) {
+                    let e = c.min(b + BLOCK);
+                    let xs = T::widen(&x[b..e], xbuf);
+                    let mut acc = [0.0f32; W];
+                    // Padding with m adds d = 0.
+                    for_vectors(xs, m, |v| {
+                        for l in 0..W {
+                            acc[l] += v[l] - m;
+                        }
+                    });
+                    for l in 0..W {
+                        d64[l] += f64::from(acc[l]);
+                    }
+                }
+            }
+            let dt = f64::from(x_at(x, target, xbuf) - m);
+            let sum_d = if smoothed { add * lane_sum(&d64) } else { 0.0 };
+            // A term whose coefficient is 0 contributes 0 even at a -inf logit (0 * log 0 = 0,
+            // spec Deviation 4): with smoothing 1 the target's own share is 0.
+            let target_term = if keep == 0.0 { 0.0 } else { keep * dt };
+            target_term + sum_d
+        }
+    };
+    log_s * y_sum - a + z_loss * lse * lse
+}
+
+/// `x[j]` as `f32`.
+#[inline(always)]
+fn x_at<T: FastElem>(x: &[T], j: usize, buf: &mut [f32; BLOCK]) -> f32 {
+    T::widen(&x[j..=j], buf)[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn body_avx512<T: FastElem>(
+    s: &mut Scratch,
+    x: &[T],
+    labels: &FastLabels<'_, T>,
+    z: f64,
+    grad: Option<&mut [T]>,
+    scale: f64,
+) -> f64 {
+    body(s, x, labels, z, grad, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn body_avx2<T: FastElem>(
+    s: &mut Scratch,
+    x: &[T],
+    labels: &FastLabels<'_, T>,
+    z: f64,
+    grad: Option<&mut [T]>,
+    scale: f64,
+) -> f64 {
+    body(s, x, labels, z, grad, scale)
+}
+
+#[inline(never)]
+fn body_portable<T: FastElem>(
+    s: &mut Scratch,
+    x: &[T],
+    labels: &FastLabels<'_, T>,
+    z: f64,
+    grad: Option<&mut [T]>,
+    scale: f64,
+) -> f64 {
+    body(s, x, labels, z, grad, scale)
+}
+
+/// The unweighted loss of one contiguous row of logits, writing `scale * d loss / d x` into
+/// `grad` when given, on the instruction set of `level` (capped at [`Level::detected`];
+/// [`Level::General`] is treated as portable).
+pub fn fast_row<T: FastElem>(
+    level: Level,
+    scratch: &mut Scratch,
+    x: &[T],
+    labels: &FastLabels<'_, T>,
+    z_loss: f64,
+    grad: Option<&mut [T]>,
+    scale: f64,
+) -> f64 {
+    let level = level.min(Level::detected());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `level` was capped at what `is_x86_feature_detected!` found.
+        Level::Avx512 => unsafe { body_avx512(scratch, x, labels, z_loss, grad, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { body_avx2(scratch, x, labels, z_loss, grad, scale) },
+        _ => body_portable(scratch, x, labels, z_loss, grad, scale),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(c: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..c)
+            .map(|k| ((k * 7919) % 1013) as f32 / 37.0 - 13.0)
+            .collect();
+        let y = (0..c)
+            .map(|k| if k % 97 == 3 { 0.25 } else { 0.0 })
+            .collect();
+        (x, y)
+    }
+
+    #[test]
+    fn every_level_gives_the_same_bits() {
+        for c in [1, 15, 17, 1000, 1025, 5000] {
+            let (x, y) = row(c);
+            let labels = [
+                FastLabels::Dense {
+                    y: &y[..],
+                    keep: 0.9,
+                    add: 0.1 / c as f64,
+                },
+                FastLabels::Sparse {
+                    target: c / 2,
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Sparse {
+                    target: c - 1,
+                    keep: 0.8,
+                    add: 0.2 / c as f64,
+                },
+            ];
+            for lab in &labels {
+                let mut first: Option<(u64, Vec<u32>)> = None;
+                for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                    let mut g = vec![0.0f32; c];
+                    let loss =
+                        fast_row(level, &mut Scratch::new(), &x, lab, 1e-4, Some(&mut g), 0.5);
+                    let bits = (
+                        loss.to_bits(),
+                        g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    );
+                    match &first {
+                        None => first = Some(bits),
+                        Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_coefficient_skips_a_minus_inf_target() {
+        // Class ids with smoothing 1: the target's own share is 0, the smoothing share 1/C
+        // meets the -inf logit, so the loss is +inf, not 0 * -inf = NaN.
+        let x = [f32::NEG_INFINITY, 0.0];
+        let lab = FastLabels::Sparse {
+            target: 0,
+            keep: 0.0,
+            add: 0.5,
+        };
+        for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+            let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, None, 1.0);
+            assert_eq!(loss, f64::INFINITY, "{level:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_rules_hold_on_the_fast_path() {
+        let sparse = FastLabels::Sparse {
+            target: 1,
+            keep: 1.0,
+            add: 0.0,
+        };
+        let mut g = vec![0.0f32; 20];
+        let mut x = vec![0.0f32; 20];
+        x[0] = f32::NEG_INFINITY;
+        let loss = fast_row(
+            Level::detected(),
+            &mut Scratch::new(),
+            &x,
+            &sparse,
+            0.0,
+            Some(&mut g),
+            1.0,
+        );
+        assert!((loss - 19f64.ln()).abs() < 1e-6 && g[0] == 0.0);
+        x[17] = f32::NAN;
+        assert!(
+            fast_row(
+                Level::detected(),
+                &mut Scratch::new(),
+                &x,
+                &sparse,
+                0.0,
+                Some(&mut g),
+                1.0
+            )
+            .is_nan()
+        );
+        assert!(g.iter().all(|v| v.is_nan()));
+        let x = vec![f32::NEG_INFINITY; 20];
+        assert!(
+            fast_row(
+                Level::detected(),
+                &mut Scratch::new(),
+                &x,
+                &sparse,
+                0.0,
+                None,
+                1.0
+            )
+            .is_nan()
+        );
+        let mut x = vec![0.0f32; 20];
+        x[1] = f32::NEG_INFINITY;
+        assert_eq!(
+            fast_row(
+                Level::detected(),
+                &mut Scratch::new(),
+                &x,
+                &sparse,
+                0.0,
+                None,
+                1.0
+            ),
+            f64::INFINITY
+        );
+    }
+}
