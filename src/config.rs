@@ -61,7 +61,7 @@ pub struct Config {
     pub max_batch_bytes: usize,
 
     /// Requests at least this many bytes run alone, without waiting for company.
-    #[arg(long, env = "XENT_LARGE_REQUEST_BYTES", default_value_t = 8 * MIB)]
+    #[arg(long, env = "XENT_LARGE_REQUEST_BYTES", default_value_t = MIB)]
     pub large_request_bytes: usize,
 
     /// Requests that may wait for the compute pool; more are refused with UNAVAILABLE.
