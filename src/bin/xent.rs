@@ -20,7 +20,7 @@ use half::{bf16, f16};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyError, ReadNpyExt};
 use tonic_health::pb::health_check_response::ServingStatus;
-use xent::bench::{BenchArgs, BenchConfig};
+use xent::bench::{BenchArgs, BenchConfig, DTypeArg};
 use xent::client::{Client, ClientConfig, EvalRequest, EvalResult, FloatElement};
 use xent::dtype::{DType, Element};
 use xent::eval::{LossKind, Options, Reduction, Wanted};
@@ -168,22 +168,6 @@ enum OutputArg {
     /// Gradient w.r.t. dense labels.
     #[value(name = "grad_labels")]
     GradLabels,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum DTypeArg {
-    /// IEEE binary16.
-    #[value(name = "float16")]
-    F16,
-    /// bfloat16.
-    #[value(name = "bfloat16")]
-    BF16,
-    /// IEEE binary32.
-    #[value(name = "float32")]
-    F32,
-    /// IEEE binary64.
-    #[value(name = "float64")]
-    F64,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

@@ -157,3 +157,27 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// Starts the real `xentd` binary on an ephemeral port with `args`, and returns it with its
+/// endpoint (`http://ADDR`, read from its `listening on ADDR` stdout line).
+pub fn spawn_xentd(args: &[&str], stderr: std::process::Stdio) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xentd"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        // Logs at xentd's default level (info), whatever RUST_LOG the tests run under.
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("xentd starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .expect("xentd's first stdout line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("first stdout line names the address");
+    (child, format!("http://{addr}"))
+}

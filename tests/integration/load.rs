@@ -18,7 +18,7 @@ use xent::batcher::CloseReason;
 use xent::config::Settings;
 use xent::proto::{EvaluateRequest, EvaluateResponse, LossKind, Output, Reduction};
 
-use crate::common::{Client, TestServer};
+use crate::common::{Client, TestServer, spawn_xentd};
 
 fn settings(batching: bool, threads: usize, inflight: usize, delay_ms: u64) -> Settings {
     let defaults = Settings::default();
@@ -329,21 +329,7 @@ async fn requests_over_hard_limits_are_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_accepted_call() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xentd"))
-        .args(["--listen", "127.0.0.1:0", "--shutdown-grace-secs", "20"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("xentd starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let endpoint = format!(
-        "http://{}",
-        line.trim().strip_prefix("listening on ").unwrap()
-    );
+    let (mut child, endpoint) = spawn_xentd(&["--shutdown-grace-secs", "20"], Stdio::piped());
     let stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         BufReader::new(stderr)

@@ -1,7 +1,6 @@
 //! A running xentd: options and dtypes through both encodings, both RPCs, every refusal with
 //! its field, health, reflection, large messages, hostile input, and shutdown by signal.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -484,22 +483,8 @@ async fn hostile_requests_never_panic_or_stop_the_server() {
 
 #[tokio::test]
 async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xentd"))
-        .args(["--listen", "127.0.0.1:0", "--shutdown-grace-secs", "5"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("xentd starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("first stdout line names the address")
-        .to_string();
-    let endpoint = format!("http://{addr}");
+    let (mut child, endpoint) =
+        crate::common::spawn_xentd(&["--shutdown-grace-secs", "5"], Stdio::null());
     let channel = tonic::transport::Channel::from_shared(endpoint)
         .unwrap()
         .connect()
