@@ -14,6 +14,7 @@ use super::deadline::deadline;
 use crate::api;
 use crate::batcher::Batcher;
 use crate::error::Error;
+use crate::eval::Evaluation;
 use crate::metrics as m;
 use crate::proto;
 use crate::proto::xent_server::Xent;
@@ -41,7 +42,7 @@ impl XentService {
     }
 
     /// The span of one call; its trace continues the caller's when `metadata` carries one.
-    fn rpc_span(
+    pub(super) fn rpc_span(
         method: &'static str,
         request_id: &str,
         metadata: &tonic::metadata::MetadataMap,
@@ -71,6 +72,38 @@ impl XentService {
         arrived: Instant,
         deadline: Instant,
     ) -> Result<proto::EvaluateResponse, Error> {
+        let received = req.encoded_len();
+        Self::call(
+            Call {
+                batcher,
+                method,
+                span,
+                received_bytes: received,
+                arrived,
+                deadline,
+            },
+            || api::decode(req).map(|ev| (ev, ())),
+            |(), resp| Ok(resp),
+        )
+        .await
+    }
+
+    /// One call of any protocol: `decode` validates the request (into the evaluation and
+    /// whatever `respond` needs from it), the batcher computes it, `respond` builds the
+    /// protocol's answer. Counted, timed and logged once, inside its `rpc` span.
+    pub(super) async fn call<C, R: prost::Message>(
+        call: Call,
+        decode: impl FnOnce() -> Result<(Evaluation, C), Error>,
+        respond: impl FnOnce(C, proto::EvaluateResponse) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let Call {
+            batcher,
+            method,
+            span,
+            received_bytes,
+            arrived,
+            deadline,
+        } = call;
         let _in_flight = InFlight::enter();
         // Counts the call as CANCELLED if the client goes away and this future is dropped.
         let mut record = CallRecord {
@@ -78,16 +111,17 @@ impl XentService {
             arrived,
             done: false,
         };
-        metrics::counter!(m::RECEIVED_BYTES).increment(req.encoded_len() as u64);
+        metrics::counter!(m::RECEIVED_BYTES).increment(received_bytes as u64);
         let result = async {
-            let ev = tracing::info_span!("decode").in_scope(|| api::decode(req))?;
+            let (ev, context) = tracing::info_span!("decode").in_scope(decode)?;
             let span = tracing::Span::current();
             span.record("loss", ev.kind.name());
             span.record("dtype", ev.tensors.dtype().name());
             span.record("shape", field::debug(&ev.shape));
             span.record("rows", ev.layout.rows());
             metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
-            batcher.submit(ev, arrived, deadline).await
+            let resp = batcher.submit(ev, arrived, deadline).await?;
+            respond(context, resp)
         }
         .instrument(span.clone())
         .await;
@@ -105,6 +139,22 @@ impl XentService {
         });
         result
     }
+}
+
+/// Where a call goes and what is known of it before it is decoded.
+pub(super) struct Call {
+    /// The batcher that computes it.
+    pub batcher: Batcher,
+    /// The RPC, as metrics and spans label it.
+    pub method: &'static str,
+    /// Its `rpc` span.
+    pub span: tracing::Span,
+    /// Protobuf-encoded size of the request.
+    pub received_bytes: usize,
+    /// When it arrived.
+    pub arrived: Instant,
+    /// When it must be answered by.
+    pub deadline: Instant,
 }
 
 /// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once: with its code when it is
