@@ -98,7 +98,10 @@ def test_dense_float32_with_options_and_requested_outputs(client):
     r = client.infer(
         DENSE,
         [inp("logits", x, "FP32"), inp("labels", y, "FP32")],
-        outputs=[grpcclient.InferRequestedOutput("grad_labels"), grpcclient.InferRequestedOutput("loss")],
+        outputs=[
+            grpcclient.InferRequestedOutput("grad_labels"),
+            grpcclient.InferRequestedOutput("loss"),
+        ],
         request_id="dense-1",
     )
     loss, _, grad_labels = dense_ref(x, y)
@@ -139,16 +142,18 @@ def test_sparse_float64_ignore_index_and_mean(client, ids_dtype, datatype):
     close(r.as_numpy("grad_logits"), grad / keep.sum(), TOL[np.float64])
 
 
-@pytest.mark.parametrize(
-    "np_dtype,datatype", [(np.float16, "FP16"), (ml_dtypes.bfloat16, "BF16")]
-)
+@pytest.mark.parametrize("np_dtype,datatype", [(np.float16, "FP16"), (ml_dtypes.bfloat16, "BF16")])
 def test_halves_travel_raw_and_keep_their_datatype(client, np_dtype, datatype):
     x = rng_logits((3, 5), 4).astype(np_dtype)
     ids = np.array([4, 0, 2], np.int64)
     sw = np.array([1.0, 0.5, 2.0], np.float32)
     r = client.infer(
         SPARSE,
-        [inp("logits", x, datatype), inp("labels", ids, "INT64"), inp("sample_weights", sw, "FP32")],
+        [
+            inp("logits", x, datatype),
+            inp("labels", ids, "INT64"),
+            inp("sample_weights", sw, "FP32"),
+        ],
     )
     loss, grad, _ = sparse_ref(x.astype(np.float64), ids)
     got = r.as_numpy("loss")
@@ -162,28 +167,39 @@ def test_typed_contents_get_typed_outputs(xentd):
     x = rng_logits((2, 3), 5).astype(np.float32)
     ids = np.array([2, 0], np.int64)
     req = service_pb2.ModelInferRequest(model_name=SPARSE, id="typed")
-    req.inputs.add(name="logits", datatype="FP32", shape=[2, 3]).contents.fp32_contents.extend(x.ravel())
-    req.inputs.add(name="labels", datatype="INT64", shape=[2]).contents.int64_contents.extend(ids)
+    logits = req.inputs.add(name="logits", datatype="FP32", shape=[2, 3])
+    logits.contents.fp32_contents.extend(x.ravel())
+    labels = req.inputs.add(name="labels", datatype="INT64", shape=[2])
+    labels.contents.int64_contents.extend(ids)
     with grpc.insecure_channel(xentd.address) as channel:
         resp = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req)
     assert not resp.raw_output_contents and resp.id == "typed"
     loss, grad, _ = sparse_ref(x, ids)
     by_name = {o.name: o for o in resp.outputs}
     close(np.array(by_name["loss"].contents.fp32_contents), loss, TOL[np.float32])
-    close(np.array(by_name["grad_logits"].contents.fp32_contents).reshape(2, 3), grad, TOL[np.float32])
+    grad_logits = np.array(by_name["grad_logits"].contents.fp32_contents).reshape(2, 3)
+    close(grad_logits, grad, TOL[np.float32])
 
 
 def test_refusals_name_the_input_or_parameter(client):
     x = rng_logits((2, 3), 6).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[[0, 2]]
+
+    def dense(labels=y):
+        return [inp("logits", x, "FP32"), inp("labels", labels, "FP32")]
+
+    def sparse(ids, datatype="INT64"):
+        return [inp("logits", x, "FP32"), inp("labels", ids, datatype)]
+
+    invalid = "INVALID_ARGUMENT"
     cases = [
-        (DENSE, [inp("logits", x, "FP32"), inp("labels", y[:, :2].copy(), "FP32")], {}, "INVALID_ARGUMENT", "labels has shape [2, 2]"),
-        (DENSE, [inp("logits", x, "FP32"), inp("labels", y, "FP32")], {"label_smoothing": 2.0}, "INVALID_ARGUMENT", "label_smoothing is 2"),
-        (DENSE, [inp("logits", x, "FP32"), inp("labels", y, "FP32")], {"lable_smoothing": 0.1}, "INVALID_ARGUMENT", "lable_smoothing is not a parameter"),
-        (DENSE, [inp("logits", x, "FP32"), inp("labels", y, "FP32")], {"reduction": 1}, "INVALID_ARGUMENT", "reduction is int64_param 1"),
-        (SPARSE, [inp("logits", x, "FP32"), inp("labels", np.array([0, 3]), "INT64")], {}, "INVALID_ARGUMENT", "labels class id 3 at index [1]"),
-        (SPARSE, [inp("logits", x, "FP32"), inp("labels", np.array([0, 1], np.uint8), "UINT8")], {}, "INVALID_ARGUMENT", "labels has datatype \"UINT8\""),
-        ("gpt", [inp("logits", x, "FP32")], {}, "NOT_FOUND", "model \"gpt\""),
+        (DENSE, dense(y[:, :2].copy()), {}, invalid, "labels has shape [2, 2]"),
+        (DENSE, dense(), {"label_smoothing": 2.0}, invalid, "label_smoothing is 2"),
+        (DENSE, dense(), {"lable_smoothing": 0.1}, invalid, "lable_smoothing is not a parameter"),
+        (DENSE, dense(), {"reduction": 1}, invalid, "reduction is int64_param 1"),
+        (SPARSE, sparse(np.array([0, 3])), {}, invalid, "labels class id 3 at index [1]"),
+        (SPARSE, sparse(np.array([0, 1], np.uint8), "UINT8"), {}, invalid, "labels has datatype"),
+        ("gpt", dense(), {}, "NOT_FOUND", 'model "gpt"'),
     ]
     for model, inputs, params, status, start in cases:
         with pytest.raises(InferenceServerException) as e:
@@ -196,10 +212,12 @@ def test_model_infer_is_counted_under_its_method(client, xentd):
     x = rng_logits((2, 3), 7).astype(np.float32)
     client.infer(SPARSE, [inp("logits", x, "FP32"), inp("labels", np.array([1, 2]), "INT64")])
     body = urllib.request.urlopen(f"http://{xentd.metrics}/metrics", timeout=10).read().decode()
-    calls = {
-        (m["method"], m["code"]): float(m["value"])
-        for m in re.finditer(r'^xent_calls_total\{(?=[^}]*method="(?P<method>\w+)")(?=[^}]*code="(?P<code>\w+)")[^}]*\} (?P<value>\S+)$', body, re.M)
-    }
+    series = re.compile(
+        r'^xent_calls_total\{(?=[^}]*method="(?P<method>\w+)")(?=[^}]*code="(?P<code>\w+)")'
+        r"[^}]*\} (?P<value>\S+)$",
+        re.M,
+    )
+    calls = {(m["method"], m["code"]): float(m["value"]) for m in series.finditer(body)}
     assert calls.get(("ModelInfer", "OK"), 0) >= 1, calls
     assert calls.get(("ModelInfer", "INVALID_ARGUMENT"), 0) >= 1, calls
 
@@ -208,18 +226,28 @@ def _reflected_file(address, symbol):
     """The FileDescriptorProto xentd's reflection serves for `symbol` (grpc.reflection.v1,
     with its two messages declared here so no reflection package is needed)."""
     T = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="xent_test_reflection.proto", package="xent_test_reflection", syntax="proto3")
-    req = f.message_type.add(name="Request")
-    req.field.add(name="file_containing_symbol", number=4, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-    files = f.message_type.add(name="Files")
-    files.field.add(name="file_descriptor_proto", number=1, type=T.TYPE_BYTES, label=T.LABEL_REPEATED)
-    resp = f.message_type.add(name="Response")
-    resp.field.add(name="file_descriptor_response", number=4, type=T.TYPE_MESSAGE,
-                   type_name=".xent_test_reflection.Files", label=T.LABEL_OPTIONAL)
+    pkg = "xent_test_reflection"
+    f = descriptor_pb2.FileDescriptorProto(name=f"{pkg}.proto", package=pkg, syntax="proto3")
+    f.message_type.add(name="Request").field.add(
+        name="file_containing_symbol", number=4, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL
+    )
+    f.message_type.add(name="Files").field.add(
+        name="file_descriptor_proto", number=1, type=T.TYPE_BYTES, label=T.LABEL_REPEATED
+    )
+    f.message_type.add(name="Response").field.add(
+        name="file_descriptor_response",
+        number=4,
+        type=T.TYPE_MESSAGE,
+        type_name=f".{pkg}.Files",
+        label=T.LABEL_OPTIONAL,
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
-    Request = message_factory.GetMessageClass(pool.FindMessageTypeByName("xent_test_reflection.Request"))
-    Response = message_factory.GetMessageClass(pool.FindMessageTypeByName("xent_test_reflection.Response"))
+
+    def message(name):
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{pkg}.{name}"))
+
+    Request, Response = message("Request"), message("Response")
     with grpc.insecure_channel(address) as channel:
         call = channel.stream_stream(
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -227,7 +255,10 @@ def _reflected_file(address, symbol):
             response_deserializer=Response.FromString,
         )
         (answer,) = list(call(iter([Request(file_containing_symbol=symbol)]), timeout=10))
-    protos = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in answer.file_descriptor_response.file_descriptor_proto]
+    protos = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in answer.file_descriptor_response.file_descriptor_proto
+    ]
     return next(p for p in protos if p.package == "inference")
 
 
@@ -249,7 +280,11 @@ def test_wire_format_matches_tritonclient(xentd):
         return out
 
     def fields(m):
-        return {(f.name, f.number, f.type, f.label, f.type_name, f.oneof_index if f.HasField("oneof_index") else None) for f in m.field}
+        return {
+            (f.name, f.number, f.type, f.label, f.type_name,
+             f.oneof_index if f.HasField("oneof_index") else None)
+            for f in m.field
+        }
 
     ours_m, theirs_m = messages(ours), messages(theirs)
     assert len(ours_m) >= 16
@@ -259,9 +294,9 @@ def test_wire_format_matches_tritonclient(xentd):
     (svc,) = ours.service
     their_svc = {s.name: s for s in theirs.service}[svc.name]
     their_methods = {m.name: m for m in their_svc.method}
-    assert {m.name for m in svc.method} == {
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-    }
+    served = {"ServerLive", "ServerReady", "ModelReady"}
+    served |= {"ServerMetadata", "ModelMetadata", "ModelInfer"}
+    assert {m.name for m in svc.method} == served
     for m in svc.method:
         t = their_methods[m.name]
         assert (m.input_type, m.output_type) == (t.input_type, t.output_type), m.name
