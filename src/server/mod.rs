@@ -8,6 +8,7 @@
 //! within the grace period, then `serve` returns.
 
 mod arrival;
+mod call;
 mod deadline;
 mod oip;
 mod service;

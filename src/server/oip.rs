@@ -17,8 +17,8 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 use super::arrival::arrived;
+use super::call::{Call, rpc_span};
 use super::deadline::deadline;
-use super::service::{Call, XentService};
 use crate::api::oip;
 use crate::batcher::Batcher;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -127,7 +127,7 @@ impl GrpcInferenceService for OipService {
         const METHOD: &str = "ModelInfer";
         let arrived: Instant = arrived(&request);
         let deadline = deadline(request.metadata(), arrived, self.default_timeout);
-        let span = XentService::rpc_span(METHOD, &request.get_ref().id, request.metadata());
+        let span = rpc_span(METHOD, &request.get_ref().id, request.metadata());
         let req = request.into_inner();
         let call = Call {
             batcher: self.batcher.clone(),
@@ -137,7 +137,7 @@ impl GrpcInferenceService for OipService {
             arrived,
             deadline,
         };
-        let out = XentService::call(call, || oip::decode(req), oip::response).await?;
+        let out = call.run(|| oip::decode(req), oip::response).await?;
         Ok(Response::new(out))
     }
 }
