@@ -34,6 +34,7 @@ fn echo(req: EvaluateRequest) -> Result<EvaluateResponse, Status> {
         loss: Some(loss),
         grad_logits: Some(logits),
         grad_labels: None,
+        health: Some(Default::default()),
     })
 }
 

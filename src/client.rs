@@ -64,6 +64,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::api::tensor::{WireElement, decode, encode};
 use crate::dtype::Element;
 use crate::eval::{LossKind, Options, Reduction, Wanted};
+pub use crate::kernel::Health;
 use crate::proto;
 use crate::proto::xent_client::XentClient;
 
@@ -712,6 +713,11 @@ impl<T: FloatElement> EvalRequest<T> {
                 wanted.grad_labels,
                 Some(&self.labels_shape),
             )?,
+            health: response.health.map_or_else(Health::default, |h| Health {
+                nonfinite_inputs: h.nonfinite_inputs,
+                unnormalized_label_rows: h.unnormalized_label_rows,
+                nonfinite_loss_rows: h.nonfinite_loss_rows,
+            }),
             request_id: response.request_id,
         })
     }
@@ -774,6 +780,9 @@ pub struct EvalResult<T> {
     pub grad_logits: Option<ArrayD<T>>,
     /// Gradient w.r.t. dense labels, shaped as the labels.
     pub grad_labels: Option<ArrayD<T>>,
+    /// Non-finite inputs, unnormalised label rows and non-finite losses the server saw
+    /// (all 0 from a server that does not report them).
+    pub health: Health,
 }
 
 #[cfg(test)]
@@ -893,8 +902,13 @@ mod tests {
                 false,
             )),
             grad_labels: None,
+            health: Some(proto::NumericalHealth {
+                nonfinite_inputs: 3,
+                ..Default::default()
+            }),
         };
         let out = req.decode_response(response).unwrap();
+        assert_eq!(out.health.nonfinite_inputs, 3);
         assert_eq!(out.request_id, "id");
         assert_eq!(out.loss.unwrap(), array![0.5f32, 0.25].into_dyn());
         assert_eq!(

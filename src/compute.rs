@@ -142,7 +142,8 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
             .map(|g| kernel::view3_mut(g, layout))
             .transpose()?,
     };
-    let loss = kernel::evaluate(&problem, grads)?;
+    let (loss, mut health) = kernel::evaluate_with_health(&problem, grads)?;
+    health.nonfinite_inputs += ev.nonfinite_weights;
     let loss = ev.wanted.loss.then(|| match loss {
         Loss::PerExample(l) => l.into_iter().map(T::from_f64).collect(),
         Loss::Reduced(v) => vec![T::from_f64(v)],
@@ -151,6 +152,7 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
         loss,
         grad_logits,
         grad_labels,
+        health,
     })
 }
 

@@ -10,7 +10,7 @@ use half::{bf16, f16};
 
 use crate::api::tensor::Shaped;
 use crate::dtype::DType;
-use crate::kernel::{self, Layout};
+use crate::kernel::{self, Health, Layout};
 pub use crate::kernel::{Options, Reduction};
 
 /// Which loss to evaluate.
@@ -136,6 +136,9 @@ pub struct Evaluation {
     pub sample_weights: Option<Vec<f64>>,
     /// Upstream gradient: one per example for reduction `none`, else one value.
     pub upstream: Option<Vec<f64>>,
+    /// NaN or infinite values among the class weights, sample weights (as received, before
+    /// broadcasting) and upstream gradient, for the numerical health report.
+    pub nonfinite_weights: u64,
     /// Outputs wanted.
     pub wanted: Wanted,
     /// Whether the response uses raw bytes (else typed fields).
@@ -173,6 +176,8 @@ pub struct Outputs<T> {
     pub grad_logits: Option<Vec<T>>,
     /// Gradient w.r.t. dense labels, shaped like them.
     pub grad_labels: Option<Vec<T>>,
+    /// Non-finite inputs, unnormalised label rows and non-finite losses of the call.
+    pub health: Health,
 }
 
 /// The result of an evaluation, in the logits' dtype.
@@ -186,4 +191,16 @@ pub enum Evaluated {
     F32(Outputs<f32>),
     /// float64 outputs.
     F64(Outputs<f64>),
+}
+
+impl Evaluated {
+    /// The call's numerical health.
+    pub fn health(&self) -> Health {
+        match self {
+            Evaluated::F16(o) => o.health,
+            Evaluated::BF16(o) => o.health,
+            Evaluated::F32(o) => o.health,
+            Evaluated::F64(o) => o.health,
+        }
+    }
 }

@@ -147,6 +147,19 @@ pub fn cpu_features() -> String {
     }
 }
 
+/// Counts a call's numerical health (the counters are created at 0 by [`install`]).
+pub fn numerical_health(h: crate::kernel::Health) {
+    for (name, n) in [
+        (NONFINITE_INPUTS, h.nonfinite_inputs),
+        (UNNORMALIZED_LABEL_ROWS, h.unnormalized_label_rows),
+        (NONFINITE_LOSS_ROWS, h.nonfinite_loss_rows),
+    ] {
+        if n > 0 {
+            metrics::counter!(name).increment(n);
+        }
+    }
+}
+
 /// Describes every metric (help text and unit).
 pub fn describe() {
     describe_counter!(
@@ -207,12 +220,12 @@ pub fn describe() {
     describe_counter!(
         NONFINITE_INPUTS,
         Unit::Count,
-        "Non-finite values seen in logits and labels."
+        "NaN or infinite values seen in inputs (logits, labels, weights, upstream)."
     );
     describe_counter!(
         UNNORMALIZED_LABEL_ROWS,
         Unit::Count,
-        "Dense label rows whose sum is not 1."
+        "Dense label rows whose sum differs from 1 by more than 1e-3 (1e-2 for halves)."
     );
     describe_counter!(
         NONFINITE_LOSS_ROWS,
@@ -271,6 +284,14 @@ pub fn install(addr: SocketAddr) -> Result<(), Error> {
         }
     });
     describe();
+    // Present from the start, so a rate over them is 0, not absent, until something is seen.
+    for name in [
+        NONFINITE_INPUTS,
+        UNNORMALIZED_LABEL_ROWS,
+        NONFINITE_LOSS_ROWS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "features" => cpu_features()).set(1.0);
     Ok(())
 }

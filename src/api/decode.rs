@@ -129,11 +129,13 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
             Ok(w.floats_to_f64().expect("float tensor"))
         })
         .transpose()?;
+    let mut sample_nonfinite = 0;
     let sample_weights = req
         .sample_weights
         .map(|t| {
             let w = float_tensor("sample_weights", t)?;
             let values = w.floats_to_f64().expect("float tensor");
+            sample_nonfinite = values.iter().filter(|w| !w.is_finite()).count() as u64;
             let view = ArrayViewD::from_shape(IxDyn(w.shape()), &values).expect("decoded shape");
             let b = view.broadcast(IxDyn(&loss_shape)).ok_or_else(|| {
                 Error::invalid(
@@ -170,6 +172,12 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
         })
         .transpose()?;
 
+    // Counted as received, before sample weights are broadcast.
+    let nonfinite = |v: &[f64]| v.iter().filter(|w| !w.is_finite()).count() as u64;
+    let nonfinite_weights = class_weights.as_deref().map_or(0, nonfinite)
+        + sample_nonfinite
+        + upstream.as_deref().map_or(0, nonfinite);
+
     Ok(Evaluation {
         request_id: req.request_id,
         kind,
@@ -183,6 +191,7 @@ pub fn decode(req: proto::EvaluateRequest) -> Result<Evaluation, Error> {
         class_weights,
         sample_weights,
         upstream,
+        nonfinite_weights,
         wanted,
         raw_response,
     })

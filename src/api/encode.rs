@@ -3,6 +3,7 @@
 
 use super::tensor::{WireElement, encode};
 use crate::eval::{Evaluated, Evaluation, Outputs};
+use crate::kernel::Health;
 use crate::proto;
 
 /// The response to `ev` carrying `out`.
@@ -22,5 +23,15 @@ fn typed<T: WireElement>(ev: &Evaluation, out: Outputs<T>) -> proto::EvaluateRes
         loss: out.loss.map(|v| encode(&ev.returned_loss_shape(), v, raw)),
         grad_logits: out.grad_logits.map(|v| encode(&ev.shape, v, raw)),
         grad_labels: out.grad_labels.map(|v| encode(&ev.shape, v, raw)),
+        health: Some(health(out.health)),
+    }
+}
+
+/// The kernel's health counts as sent.
+pub fn health(h: Health) -> proto::NumericalHealth {
+    proto::NumericalHealth {
+        nonfinite_inputs: h.nonfinite_inputs,
+        unnormalized_label_rows: h.unnormalized_label_rows,
+        nonfinite_loss_rows: h.nonfinite_loss_rows,
     }
 }

@@ -527,6 +527,7 @@ fn dispatch(
                     catch_unwind(AssertUnwindSafe(|| {
                         let out =
                             tracing::info_span!("kernel").in_scope(|| compute::evaluate(&ev))?;
+                        m::numerical_health(out.health());
                         Ok(tracing::info_span!("encode").in_scope(|| api::response(&ev, out)))
                     }))
                     .unwrap_or_else(|_| {

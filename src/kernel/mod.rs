@@ -11,6 +11,11 @@
 //!    pool (serially when the call is small); each row is one fused pass structure;
 //! 3. per-example losses are summed in index order for reduced losses.
 //!
+//! Alongside the loss each call reports its numerical [`Health`]: non-finite logits and
+//! labels, dense label rows that do not sum to one, rows whose loss is not finite. The
+//! counts come from sums the passes make anyway: a row pays for an exact count only when it
+//! holds a non-finite value.
+//!
 //! A row's result therefore depends only on that row, its weights and the reduction's
 //! denominator: never on the thread count or on what else was computed with it.
 
@@ -27,7 +32,7 @@ use rayon::prelude::*;
 use crate::dtype::Element;
 pub use layout::{Layout, normalize_axis};
 pub use options::{Options, Reduction};
-use rows::{DenseRow, LabelRow, RowGrads, SparseRow, logits_row, probabilities_row};
+use rows::{DenseRow, LabelRow, RowGrads, RowOut, SparseRow, logits_row, probabilities_row};
 
 /// Class ids, one per row, in row order.
 #[derive(Clone, Copy, Debug)]
@@ -118,6 +123,52 @@ pub enum Loss {
     Reduced(f64),
 }
 
+/// What a call's inputs and results looked like numerically: counts over the rows computed
+/// (rows of an ignored class id are not read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// NaN or infinite values among the logits and dense labels (`-inf` logits included:
+    /// masking with them is allowed, but they are counted).
+    pub nonfinite_inputs: u64,
+    /// Dense label rows whose sum is farther than [`label_sum_tolerance`] from 1 (NaN sums
+    /// included).
+    pub unnormalized_label_rows: u64,
+    /// Rows whose returned (weighted) per-example loss is NaN or infinite.
+    pub nonfinite_loss_rows: u64,
+}
+
+impl std::ops::Add for Health {
+    type Output = Health;
+    fn add(self, o: Health) -> Health {
+        Health {
+            nonfinite_inputs: self.nonfinite_inputs + o.nonfinite_inputs,
+            unnormalized_label_rows: self.unnormalized_label_rows + o.unnormalized_label_rows,
+            nonfinite_loss_rows: self.nonfinite_loss_rows + o.nonfinite_loss_rows,
+        }
+    }
+}
+
+impl Health {
+    fn label_row(&mut self, dtype: crate::dtype::DType, sum: f64, nonfinite: u32) {
+        self.nonfinite_inputs += u64::from(nonfinite);
+        // NaN compares false: a NaN sum counts as unnormalised.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        let off = !((sum - 1.0).abs() <= label_sum_tolerance(dtype));
+        self.unnormalized_label_rows += u64::from(off);
+    }
+}
+
+/// How far from 1 a dense label row's sum may be before it counts as unnormalised: 1e-3,
+/// and 1e-2 for float16 and bfloat16, whose rounding of each label alone moves a sum by up to
+/// 2^-11 and 2^-8 of it.
+pub fn label_sum_tolerance(dtype: crate::dtype::DType) -> f64 {
+    use crate::dtype::DType;
+    match dtype {
+        DType::F16 | DType::BF16 => 1e-2,
+        _ => 1e-3,
+    }
+}
+
 /// Inputs the kernel refuses. Requests are validated before they get here, so outside of
 /// tests these mean a bug in validation, except [`KernelError::ClassIdOutOfRange`], which the
 /// validator finds by calling [`check_class_ids`].
@@ -166,6 +217,14 @@ pub fn evaluate<T: Element>(
     problem: &Problem<'_, T>,
     grads: Grads<'_, T>,
 ) -> Result<Loss, KernelError> {
+    evaluate_with_health(problem, grads).map(|(loss, _)| loss)
+}
+
+/// [`evaluate`], also reporting the call's numerical [`Health`].
+pub fn evaluate_with_health<T: Element>(
+    problem: &Problem<'_, T>,
+    grads: Grads<'_, T>,
+) -> Result<(Loss, Health), KernelError> {
     let (outer, classes, inner) = problem.logits.dim();
     let layout = Layout {
         outer,
@@ -211,6 +270,7 @@ pub fn evaluate<T: Element>(
             mut grad_logits,
             mut grad_labels,
         } = b;
+        let mut health = Health::default();
         if let Some(f) = &fast {
             let c = classes;
             let mut g = grad_logits.as_mut().and_then(|g| g.as_slice_mut());
@@ -224,10 +284,11 @@ pub fn evaluate<T: Element>(
                     }
                     0.0
                 } else {
-                    sample(r) * f.row(&mut scratch, problem, r, grow, scale(r))
+                    sample(r) * f.row(&mut scratch, problem, r, grow, scale(r), &mut health)
                 };
+                health.nonfinite_loss_rows += u64::from(!loss.is_finite());
             }
-            return;
+            return health;
         }
         for (k, loss) in losses.iter_mut().enumerate() {
             let (o, i) = (first_outer + k / inner, k % inner);
@@ -242,19 +303,29 @@ pub fn evaluate<T: Element>(
                 g.fill(0.0);
                 0.0
             } else {
-                sample(r) * row_loss(problem, layout, o, i, r, row_grads)
+                sample(r) * row_loss(problem, layout, o, i, r, row_grads, &mut health)
             };
+            health.nonfinite_loss_rows += u64::from(!loss.is_finite());
         }
+        health
     };
-    if blocks.len() == 1 {
-        blocks.into_iter().for_each(run);
+    // Counts add in any order: the report is as deterministic as the loss.
+    let health = if blocks.len() == 1 {
+        blocks
+            .into_iter()
+            .map(run)
+            .fold(Health::default(), |a, b| a + b)
     } else {
-        blocks.into_par_iter().for_each(run);
-    }
-    Ok(match denom {
+        blocks
+            .into_par_iter()
+            .map(run)
+            .reduce(Health::default, |a, b| a + b)
+    };
+    let loss = match denom {
         None => Loss::PerExample(losses),
         Some(d) => Loss::Reduced(reduce::safe_div(reduce::ordered_sum(&losses), d)),
-    })
+    };
+    Ok((loss, health))
 }
 
 /// What the vector fast path ([`simd`]) needs: contiguous rows (class axis last), logits,
@@ -301,7 +372,8 @@ fn fast_inputs<'a, T: Element>(
 }
 
 impl<T: Element> FastInputs<'_, T> {
-    /// The unweighted loss of row `r`, writing `scale * d loss / d x` into `grad`.
+    /// The unweighted loss of row `r`, writing `scale * d loss / d x` into `grad` and adding
+    /// the row's inputs to `health`.
     fn row(
         &self,
         scratch: &mut simd::row::Scratch,
@@ -309,6 +381,7 @@ impl<T: Element> FastInputs<'_, T> {
         r: usize,
         grad: Option<&mut [T]>,
         scale: f64,
+        health: &mut Health,
     ) -> f64 {
         use crate::dtype::DType;
         let c = self.classes;
@@ -320,7 +393,7 @@ impl<T: Element> FastInputs<'_, T> {
         };
         let z = p.options.z_loss;
         #[allow(clippy::too_many_arguments)]
-        fn go<U: simd::row::FastElem + bytemuck::Pod, T: bytemuck::Pod>(
+        fn go<U: simd::row::FastElem + bytemuck::Pod, T: Element + bytemuck::Pod>(
             f: &FastInputs<'_, T>,
             scratch: &mut simd::row::Scratch,
             x: &[T],
@@ -329,6 +402,7 @@ impl<T: Element> FastInputs<'_, T> {
             z: f64,
             grad: Option<&mut [T]>,
             scale: f64,
+            health: &mut Health,
         ) -> f64 {
             let labels = match y {
                 Some(y) => simd::FastLabels::Dense {
@@ -343,7 +417,7 @@ impl<T: Element> FastInputs<'_, T> {
                 },
             };
             let grad = grad.map(bytemuck::cast_slice_mut::<T, U>);
-            simd::fast_row(
+            let out: simd::FastRow = simd::fast_row(
                 f.level,
                 scratch,
                 bytemuck::cast_slice::<T, U>(x),
@@ -351,18 +425,31 @@ impl<T: Element> FastInputs<'_, T> {
                 z,
                 grad,
                 scale,
-            )
+            );
+            health.nonfinite_inputs += u64::from(out.nonfinite);
+            if let simd::FastLabels::Dense { y, .. } = labels {
+                // Only a row whose sum is not finite holds a non-finite label.
+                let nonfinite = if out.label_sum.is_finite() {
+                    0
+                } else {
+                    y.iter().map(|v| u32::from(!v.to_f32().is_finite())).sum()
+                };
+                health.label_row(T::DTYPE, out.label_sum, nonfinite);
+            }
+            out.loss
         }
+        let h = health;
         match T::DTYPE {
-            DType::F32 => go::<f32, T>(self, scratch, x, y, target, z, grad, scale),
-            DType::BF16 => go::<half::bf16, T>(self, scratch, x, y, target, z, grad, scale),
-            DType::F16 => go::<half::f16, T>(self, scratch, x, y, target, z, grad, scale),
+            DType::F32 => go::<f32, T>(self, scratch, x, y, target, z, grad, scale, h),
+            DType::BF16 => go::<half::bf16, T>(self, scratch, x, y, target, z, grad, scale, h),
+            DType::F16 => go::<half::f16, T>(self, scratch, x, y, target, z, grad, scale, h),
             _ => unreachable!("fast_inputs admits only types computed in f32"),
         }
     }
 }
 
-/// The unweighted loss of row `(o, i)`, writing its gradients.
+/// The unweighted loss of row `(o, i)`, writing its gradients and adding its inputs to
+/// `health`.
 fn row_loss<T: Element>(
     p: &Problem<'_, T>,
     layout: Layout,
@@ -370,6 +457,7 @@ fn row_loss<T: Element>(
     i: usize,
     r: usize,
     grads: RowGrads<'_, T>,
+    health: &mut Health,
 ) -> f64 {
     let x = p.logits.slice(ndarray::s![o, .., i]);
     let opts = &p.options;
@@ -383,7 +471,9 @@ fn row_loss<T: Element>(
                 add,
                 class_weights: p.class_weights,
             };
-            dispatch(x, &lab, opts, grads)
+            let given = lab.given_stats();
+            health.label_row(T::DTYPE, given.sum, given.nonfinite);
+            dispatch(x, &lab, opts, grads, health)
         }
         Labels::Sparse(ids) => {
             let target = ids.get(r) as usize;
@@ -394,7 +484,7 @@ fn row_loss<T: Element>(
                 add,
                 class_weights: p.class_weights,
             };
-            dispatch(x, &lab, opts, grads)
+            dispatch(x, &lab, opts, grads, health)
         }
     }
 }
@@ -404,12 +494,15 @@ fn dispatch<T: Element, L: LabelRow>(
     lab: &L,
     opts: &Options,
     grads: RowGrads<'_, T>,
+    health: &mut Health,
 ) -> f64 {
-    if opts.from_logits {
+    let RowOut { loss, nonfinite } = if opts.from_logits {
         logits_row(x, lab, opts.z_loss, grads)
     } else {
         probabilities_row(x, lab, grads)
-    }
+    };
+    health.nonfinite_inputs += u64::from(nonfinite);
+    loss
 }
 
 /// Rows `(outer range) x inner` with their slice of every output.

@@ -279,6 +279,7 @@ struct Typed<'c, T> {
 /// What the kernel returned.
 struct KernelOut<T> {
     loss: Loss,
+    health: Health,
     grad_logits: Vec<T>,
     grad_labels: Option<Vec<T>>,
 }
@@ -353,9 +354,11 @@ impl<'c, T: Element> Typed<'c, T> {
             logits: Some(view3_mut(&mut grad_logits, layout).unwrap()),
             labels: grad_labels.as_mut().map(|g| view3_mut(g, layout).unwrap()),
         };
-        let loss = evaluate(&problem, grads).expect("the kernel refused a valid problem");
+        let (loss, health) =
+            evaluate_with_health(&problem, grads).expect("the kernel refused a valid problem");
         KernelOut {
             loss,
+            health,
             grad_logits,
             grad_labels,
         }
@@ -474,12 +477,48 @@ fn compare_grads<T: Element>(
 }
 
 /// Checks the kernel against the oracle on `case` rounded into `T`.
+/// The health report counted the slow way: every row not ignored, element by element, label
+/// sums in `f64`; non-finite losses from the oracle's per-example losses.
+fn expected_health<T: Element>(typed: &Typed<'_, T>, want: &RefOutput) -> Health {
+    let layout = typed.case.layout();
+    let (c, inner) = (layout.classes, layout.inner);
+    let ignored = |r: usize| {
+        let id = match &typed.labels {
+            TypedLabels::I32(ids) => i64::from(ids[r]),
+            TypedLabels::I64(ids) => ids[r],
+            TypedLabels::Dense(_) => return false,
+        };
+        Some(id) == typed.case.options.ignore_index
+    };
+    let mut h = Health::default();
+    for r in (0..layout.rows()).filter(|&r| !ignored(r)) {
+        let (o, i) = (r / inner, r % inner);
+        let at = |j: usize| (o * c + j) * inner + i;
+        let finite = |v: &T| v.to_f64().is_finite();
+        h.nonfinite_inputs += (0..c).filter(|&j| !finite(&typed.logits[at(j)])).count() as u64;
+        if let TypedLabels::Dense(y) = &typed.labels {
+            h.nonfinite_inputs += (0..c).filter(|&j| !finite(&y[at(j)])).count() as u64;
+            let off = (0..c).map(|j| y[at(j)].to_f64()).sum::<f64>() - 1.0;
+            let tol = label_sum_tolerance(T::DTYPE);
+            h.unnormalized_label_rows += u64::from(off.is_nan() || off.abs() > tol);
+        }
+        let sample = typed.case.sample_weights.as_ref().map_or(1.0, |s| s[r]);
+        h.nonfinite_loss_rows += u64::from(!(sample * want.example_losses[r]).is_finite());
+    }
+    h
+}
+
 fn check_against_oracle<T: Element>(case: &Case) -> Result<(), TestCaseError> {
     let tol = tolerance(T::DTYPE);
     let typed = Typed::<T>::new(case);
     let problem = typed.reference();
     let want = reference::evaluate(&problem).map_err(TestCaseError::fail)?;
     let got = typed.run(None);
+    prop_assert_eq!(
+        got.health,
+        expected_health(&typed, &want),
+        "numerical health"
+    );
     let mass = label_mass(case, &problem);
     // Losses are returned in f64; a per-example loss is a sum of non-negative terms of size
     // about `mass`, so a relative bound plus a floor scaled by the sample weight suffices.

@@ -27,6 +27,29 @@ pub(super) trait LabelRow {
     fn y(&self, j: usize) -> f64;
     /// `d y'_j / d y_j`, the factor of the labels gradient (dense rows only).
     fn dy(&self, j: usize) -> f64;
+    /// Sum and count of non-finite values of the given labels `y_j` (dense rows only), for
+    /// the numerical health report.
+    fn given_stats(&self) -> LabelStats {
+        LabelStats::default()
+    }
+}
+
+/// What a dense label row looked like before smoothing and weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct LabelStats {
+    /// `sum_j y_j` in `f64`.
+    pub sum: f64,
+    /// How many `y_j` are NaN or infinite.
+    pub nonfinite: u32,
+}
+
+/// What one row gives back besides its gradients.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct RowOut {
+    /// The unweighted loss.
+    pub loss: f64,
+    /// How many logits (or probabilities) of the row are NaN or infinite.
+    pub nonfinite: u32,
 }
 
 /// A dense label row.
@@ -54,6 +77,15 @@ impl<T: Element> LabelRow for DenseRow<'_, T> {
             Some(w) => w[j] * self.keep,
             None => self.keep,
         }
+    }
+    fn given_stats(&self) -> LabelStats {
+        let (mut sum, mut nonfinite) = (0.0, 0);
+        for v in self.y.iter() {
+            let v = v.to_f64();
+            sum += v;
+            nonfinite += u32::from(!v.is_finite());
+        }
+        LabelStats { sum, nonfinite }
     }
 }
 
@@ -109,20 +141,25 @@ pub(super) fn logits_row<T: Element, L: LabelRow>(
     labels: &L,
     z_loss: f64,
     mut grads: RowGrads<'_, T>,
-) -> f64 {
-    // Pass 1: the maximum, and whether the row holds NaN or +inf.
+) -> RowOut {
+    // Pass 1: the maximum, whether the row holds NaN or +inf, and how many non-finite values.
     let mut m = <T::Calc as Float>::neg_infinity();
     let mut poisoned = false;
+    let mut nonfinite = 0u32;
     for &v in x.iter() {
         let v = v.load();
         poisoned |= v.is_nan() | (v == <T::Calc as Float>::infinity());
+        nonfinite += u32::from(!v.is_finite());
         if v > m {
             m = v;
         }
     }
     if poisoned || m == <T::Calc as Float>::neg_infinity() {
         grads.fill(f64::NAN);
-        return f64::NAN;
+        return RowOut {
+            loss: f64::NAN,
+            nonfinite,
+        };
     }
     // Pass 2: S = sum exp(x - m), Y = sum y', A = sum y' (x - m) over non-zero y'.
     let (mut s, mut y_sum, mut a) = (0.0f64, 0.0f64, 0.0f64);
@@ -164,7 +201,7 @@ pub(super) fn logits_row<T: Element, L: LabelRow>(
             });
         }
     }
-    loss
+    RowOut { loss, nonfinite }
 }
 
 /// The clip bound of probabilities (Keras's epsilon), exact in `f64`.
@@ -177,8 +214,9 @@ pub(super) fn probabilities_row<T: Element, L: LabelRow>(
     p: ArrayView1<'_, T>,
     labels: &L,
     mut grads: RowGrads<'_, T>,
-) -> f64 {
+) -> RowOut {
     let total: f64 = p.iter().map(|v| v.to_f64()).sum();
+    let nonfinite = p.iter().map(|v| u32::from(!v.to_f64().is_finite())).sum();
     // NaN is not "clipped": it must propagate into the gradient, which `contains` would hide.
     #[allow(clippy::manual_range_contains)]
     let clip = |r: f64| {
@@ -211,5 +249,5 @@ pub(super) fn probabilities_row<T: Element, L: LabelRow>(
             *out = T::from_f64(-scale * labels.dy(j) * q.ln());
         }
     }
-    loss
+    RowOut { loss, nonfinite }
 }

@@ -146,3 +146,87 @@ fn results_do_not_depend_on_the_thread_count() {
             .all(|(u, v)| u.to_bits() == v.to_bits())
     );
 }
+
+/// The health of a float32 problem of `rows` rows of `c` classes, dense or by class id, on
+/// the fast path (no class weights) and on the general one (class weights of 1).
+fn health_f32(x: &[f32], y: Option<&[f32]>, ids: &[i32], c: usize, weighted: bool) -> Health {
+    let l = Layout {
+        outer: x.len() / c,
+        classes: c,
+        inner: 1,
+    };
+    let ones = vec![1.0; c];
+    let p = Problem {
+        logits: view3(x, l).unwrap(),
+        labels: match y {
+            Some(y) => Labels::Dense(view3(y, l).unwrap()),
+            None => Labels::Sparse(ClassIds::I32(ids)),
+        },
+        options: Options::default(),
+        class_weights: weighted.then_some(&ones[..]),
+        sample_weights: None,
+        upstream: Upstream::Ones,
+    };
+    let mut g = vec![0.0f32; x.len()];
+    let grads = Grads {
+        logits: Some(view3_mut(&mut g, l).unwrap()),
+        labels: None,
+    };
+    evaluate_with_health(&p, grads).unwrap().1
+}
+
+#[test]
+fn health_counts_non_finite_inputs_unnormalised_rows_and_non_finite_losses() {
+    // Four rows of 40 classes (more than one vector, with a tail).
+    let c = 40;
+    let mut x: Vec<f32> = (0..4 * c).map(|k| (k % 7) as f32 * 0.3 - 1.0).collect();
+    let mut y = vec![0.0f32; 4 * c];
+    for r in 0..4 {
+        y[r * c + r] = 1.0;
+    }
+    x[3] = f32::NEG_INFINITY; // row 0, label 0: masked, counted, loss finite
+    x[c + 39] = f32::NAN; // row 1: NaN loss
+    x[c + 5] = f32::INFINITY; // row 1 again
+    y[2 * c + 7] = 0.5; // row 2 sums to 1.5
+    y[3 * c] = f32::NAN; // row 3: NaN label, NaN sum, NaN loss
+    let want = Health {
+        nonfinite_inputs: 4,
+        unnormalized_label_rows: 2,
+        nonfinite_loss_rows: 2,
+    };
+    for weighted in [false, true] {
+        assert_eq!(
+            health_f32(&x, Some(&y), &[], c, weighted),
+            want,
+            "{weighted}"
+        );
+    }
+    let ids = [0, 1, 2, 3];
+    let want = Health {
+        nonfinite_inputs: 3,
+        unnormalized_label_rows: 0,
+        nonfinite_loss_rows: 1,
+    };
+    for weighted in [false, true] {
+        assert_eq!(health_f32(&x, None, &ids, c, weighted), want, "{weighted}");
+    }
+    // A -inf at the target: an infinite loss.
+    x[2 * c + 2] = f32::NEG_INFINITY;
+    assert_eq!(health_f32(&x, None, &ids, c, false).nonfinite_loss_rows, 2);
+}
+
+#[test]
+fn label_sums_within_rounding_are_normalised() {
+    let c = 1000;
+    let x = vec![0.0f32; c];
+    // Probabilities that sum to 1 up to float32 rounding.
+    let y: Vec<f32> = (0..c).map(|_| 1.0 / c as f32).collect();
+    assert_eq!(health_f32(&x, Some(&y), &[], c, false), Health::default());
+    let y: Vec<f32> = (0..c).map(|_| 0.9995 / c as f32).collect();
+    assert_eq!(health_f32(&x, Some(&y), &[], c, false), Health::default());
+    let y: Vec<f32> = (0..c).map(|_| 0.99 / c as f32).collect();
+    assert_eq!(
+        health_f32(&x, Some(&y), &[], c, true).unnormalized_label_rows,
+        1
+    );
+}

@@ -648,6 +648,19 @@ def test_negative_infinity_masks_a_class(stub):
         assert grad[row, masked] == 0.0
 
 
+def test_numerical_health_is_reported(stub):
+    """Each answer counts its non-finite inputs, unnormalised label rows and non-finite losses."""
+    logits = np.array([[1.0, -np.inf, 2.0], [0.3, np.nan, 1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
+    labels = np.array([[0.2, 0.0, 0.8], [0.5, 0.5, 0.0], [0.5, 0.0, 0.0]], dtype=np.float32)
+    response = evaluate(stub, make_request(logits, labels, sparse=False))
+    assert response.HasField("health")
+    assert response.health.nonfinite_inputs == 2
+    assert response.health.unnormalized_label_rows == 1
+    assert response.health.nonfinite_loss_rows == 1
+    healthy = evaluate(stub, make_request(np.zeros((2, 3), np.float32), np.eye(3, dtype=np.float32)[:2], sparse=False))
+    assert (healthy.health.nonfinite_inputs, healthy.health.unnormalized_label_rows, healthy.health.nonfinite_loss_rows) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_empty_batch(stub, reduction):
     logits = np.zeros((0, 3), dtype=np.float32)

@@ -81,4 +81,4 @@ impl Level {
     }
 }
 
-pub(super) use row::{FastLabels, fast_row};
+pub(super) use row::{FastLabels, FastRow, fast_row};

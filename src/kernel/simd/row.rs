@@ -61,6 +61,19 @@ pub trait FastElem: Copy {
     fn narrow(dst: &mut [Self], buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32]));
     /// Rounds one value.
     fn from_f32(v: f32) -> Self;
+    /// Widens one value.
+    fn to_f32(self) -> f32;
+}
+
+/// What one fast row gives back besides its gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FastRow {
+    /// The unweighted loss.
+    pub loss: f64,
+    /// How many logits are NaN or infinite (counted only in rows that hold one).
+    pub nonfinite: u32,
+    /// `sum_j y_j` of a dense row's given labels (0 for class ids).
+    pub label_sum: f64,
 }
 
 impl FastElem for f32 {
@@ -75,6 +88,10 @@ impl FastElem for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> f32 {
         v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
@@ -100,6 +117,10 @@ macro_rules! half_elem {
             #[inline(always)]
             fn from_f32(v: f32) -> $t {
                 <$t>::from_f32(v)
+            }
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
             }
         }
     };
@@ -137,14 +158,14 @@ fn body<T: FastElem>(
     z_loss: f64,
     grad: Option<&mut [T]>,
     scale: f64,
-) -> f64 {
+) -> FastRow {
     let c = x.len();
     let Scratch {
         x: xbuf,
         y: ybuf,
         g: gbuf,
     } = scratch;
-    // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, with poison detection.
+    // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, noting non-finite logits.
     let mut m = f32::NEG_INFINITY;
     let mut s64 = [0.0f64; W];
     let mut y64 = [0.0f64; W];
@@ -153,17 +174,26 @@ fn body<T: FastElem>(
         let e = c.min(b + BLOCK);
         let xs = T::widen(&x[b..e], xbuf);
         let mut mx = [f32::NEG_INFINITY; W];
-        let mut poison = [0u32; W];
-        for_vectors(xs, f32::NEG_INFINITY, |v| {
+        let mut mn = [f32::INFINITY; W];
+        let mut nan = [0u32; W];
+        // Padded with one of the block's own values: neutral for the max, the min and the
+        // NaN check. An infinity shows in the max or the min, a NaN (which neither keeps)
+        // in `nan`.
+        for_vectors(xs, xs[0], |v| {
             for l in 0..W {
                 mx[l] = if v[l] > mx[l] { v[l] } else { mx[l] };
-                poison[l] |= u32::from(v[l].is_nan() | (v[l] == f32::INFINITY));
+                mn[l] = if v[l] < mn[l] { v[l] } else { mn[l] };
+                nan[l] |= u32::from(v[l].is_nan());
             }
         });
-        bad |= poison.iter().fold(0, |a, &p| a | p);
         let bmax = mx
             .iter()
             .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+        let bmin = mn
+            .iter()
+            .fold(f32::INFINITY, |a, &v| if v < a { v } else { a });
+        bad |= nan.iter().fold(0, |a, &p| a | p)
+            | u32::from(bmax == f32::INFINITY || bmin == f32::NEG_INFINITY);
         if bmax > m {
             let f = (f64::from(m) - f64::from(bmax)).exp();
             for s in s64.iter_mut() {
@@ -198,11 +228,30 @@ fn body<T: FastElem>(
             }
         }
     }
-    if bad != 0 || m == f32::NEG_INFINITY {
+    let label_sum = match labels {
+        FastLabels::Dense { .. } => lane_sum(&y64),
+        FastLabels::Sparse { .. } => 0.0,
+    };
+    // Rare: the row holds a NaN or an infinity. Count them, and poison the row unless they
+    // are all -inf (masked classes, spec Deviation 4).
+    let mut nonfinite = 0u32;
+    let mut poisoned = false;
+    if bad != 0 {
+        for v in x {
+            let v = v.to_f32();
+            nonfinite += u32::from(!v.is_finite());
+            poisoned |= v.is_nan() || v == f32::INFINITY;
+        }
+    }
+    if poisoned || m == f32::NEG_INFINITY {
         if let Some(g) = grad {
             g.fill(T::from_f32(f32::NAN));
         }
-        return f64::NAN;
+        return FastRow {
+            loss: f64::NAN,
+            nonfinite,
+            label_sum,
+        };
     }
     let s = lane_sum(&s64);
     let log_s = s.ln();
@@ -211,7 +260,7 @@ fn body<T: FastElem>(
         FastLabels::Dense { keep, add, .. } | FastLabels::Sparse { keep, add, .. } => (keep, add),
     };
     let y_sum = match labels {
-        FastLabels::Dense { .. } => keep * lane_sum(&y64) + add * c as f64,
+        FastLabels::Dense { .. } => keep * label_sum + add * c as f64,
         FastLabels::Sparse { .. } => keep + add * c as f64,
     };
     // Gradient factor: softmax_j * k - y'_j = e_j * (k / S) - y'_j.
@@ -323,7 +372,11 @@ fn body<T: FastElem>(
             target_term + sum_d
         }
     };
-    log_s * y_sum - a + z_loss * lse * lse
+    FastRow {
+        loss: log_s * y_sum - a + z_loss * lse * lse,
+        nonfinite,
+        label_sum,
+    }
 }
 
 /// `x[j]` as `f32`.
@@ -341,7 +394,7 @@ fn body_avx512<T: FastElem>(
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
-) -> f64 {
+) -> FastRow {
     body(s, x, labels, z, grad, scale)
 }
 
@@ -354,7 +407,7 @@ fn body_avx2<T: FastElem>(
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
-) -> f64 {
+) -> FastRow {
     body(s, x, labels, z, grad, scale)
 }
 
@@ -366,7 +419,7 @@ fn body_portable<T: FastElem>(
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
-) -> f64 {
+) -> FastRow {
     body(s, x, labels, z, grad, scale)
 }
 
@@ -381,7 +434,7 @@ pub fn fast_row<T: FastElem>(
     z_loss: f64,
     grad: Option<&mut [T]>,
     scale: f64,
-) -> f64 {
+) -> FastRow {
     let level = level.min(Level::detected());
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -434,7 +487,7 @@ mod tests {
                 for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                     let mut g = vec![0.0f32; c];
                     let loss =
-                        fast_row(level, &mut Scratch::new(), &x, lab, 1e-4, Some(&mut g), 0.5);
+                        fast_row(level, &mut Scratch::new(), &x, lab, 1e-4, Some(&mut g), 0.5).loss;
                     let bits = (
                         loss.to_bits(),
                         g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -459,7 +512,7 @@ mod tests {
             add: 0.5,
         };
         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
-            let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, None, 1.0);
+            let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, None, 1.0).loss;
             assert_eq!(loss, f64::INFINITY, "{level:?}");
         }
     }
@@ -482,7 +535,8 @@ mod tests {
             0.0,
             Some(&mut g),
             1.0,
-        );
+        )
+        .loss;
         assert!((loss - 19f64.ln()).abs() < 1e-6 && g[0] == 0.0);
         x[17] = f32::NAN;
         assert!(
@@ -495,6 +549,7 @@ mod tests {
                 Some(&mut g),
                 1.0
             )
+            .loss
             .is_nan()
         );
         assert!(g.iter().all(|v| v.is_nan()));
@@ -509,6 +564,7 @@ mod tests {
                 None,
                 1.0
             )
+            .loss
             .is_nan()
         );
         let mut x = vec![0.0f32; 20];
@@ -522,7 +578,8 @@ mod tests {
                 0.0,
                 None,
                 1.0
-            ),
+            )
+            .loss,
             f64::INFINITY
         );
     }
