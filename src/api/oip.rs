@@ -560,18 +560,21 @@ fn requested_outputs(
 }
 
 /// The `ModelInferResponse` carrying `resp`, the xent.v1 answer to the request `reply` came
-/// from. Raw buffers are moved into `raw_output_contents`, not copied.
+/// from. Raw buffers are moved into `raw_output_contents`, not copied. The numerical health
+/// counts become response parameters of the same names ([`HEALTH_PARAMETERS`]).
 pub fn response(reply: Reply, resp: proto::EvaluateResponse) -> Result<ModelInferResponse, Error> {
     let proto::EvaluateResponse {
         mut loss,
         mut grad_logits,
         mut grad_labels,
+        health,
         ..
     } = resp;
     let mut out = ModelInferResponse {
         model_name: reply.model.name().into(),
         model_version: MODEL_VERSION.into(),
         id: reply.id,
+        parameters: health.map(health_parameters).unwrap_or_default(),
         ..Default::default()
     };
     for name in reply.outputs {
@@ -601,6 +604,32 @@ pub fn response(reply: Reply, resp: proto::EvaluateResponse) -> Result<ModelInfe
         out.outputs.push(tensor);
     }
     Ok(out)
+}
+
+/// Response parameters carrying xent.v1's `NumericalHealth`, named as its fields.
+pub const HEALTH_PARAMETERS: [&str; 3] = [
+    "nonfinite_inputs",
+    "unnormalized_label_rows",
+    "nonfinite_loss_rows",
+];
+
+/// The health counts as int64 parameters (tritonclient reads no uint64 custom parameters).
+fn health_parameters(h: proto::NumericalHealth) -> HashMap<String, InferParameter> {
+    [
+        h.nonfinite_inputs,
+        h.unnormalized_label_rows,
+        h.nonfinite_loss_rows,
+    ]
+    .into_iter()
+    .zip(HEALTH_PARAMETERS)
+    .map(|(count, name)| {
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        let value = InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(count)),
+        };
+        (name.to_string(), value)
+    })
+    .collect()
 }
 
 /// The `ModelInferRequest` equivalent to an xent.v1 request, for clients. With `raw`, every

@@ -84,7 +84,9 @@ fn sparse_f64_typed() -> EvaluateRequest {
 }
 
 fn sparse_bf16() -> EvaluateRequest {
-    let x: Vec<bf16> = values(12, 4).iter().map(|&v| bf16::from_f64(v)).collect();
+    let mut x: Vec<bf16> = values(12, 4).iter().map(|&v| bf16::from_f64(v)).collect();
+    // A NaN logit: its row's loss is NaN, and both are counted in the answer's health.
+    x[4] = bf16::NAN;
     EvaluateRequest {
         loss: LossKind::SparseSoftmaxCrossEntropy as i32,
         logits: Some(encode(&[4, 3], x, true)),
@@ -166,6 +168,7 @@ async fn model_infer_answers_exactly_as_evaluate_does() {
         (sparse_bf16(), true, &["loss", "grad_logits"]),
         (dense_f16_probabilities(), true, &["loss", "grad_logits"]),
     ];
+    let mut unhealthy = 0;
     for (req, raw, names) in cases {
         let id = req.request_id.clone();
         let model = if req.loss == LossKind::SoftmaxCrossEntropy as i32 {
@@ -183,6 +186,20 @@ async fn model_infer_answers_exactly_as_evaluate_does() {
         } as i32;
         let want = xent.evaluate(want_req).await.unwrap().into_inner();
         let got = oip_c.model_infer(infer).await.unwrap().into_inner();
+        let h = want.health.unwrap();
+        let counts = [
+            h.nonfinite_inputs,
+            h.unnormalized_label_rows,
+            h.nonfinite_loss_rows,
+        ];
+        unhealthy += counts.iter().filter(|&&c| c > 0).count();
+        for (name, count) in oip::HEALTH_PARAMETERS.iter().zip(counts) {
+            assert_eq!(
+                got.parameters[*name].parameter_choice,
+                Some(ParameterChoice::Int64Param(count as i64)),
+                "{model}: health {name} as xent.v1 counts it"
+            );
+        }
         assert_eq!(got.model_name, model);
         assert_eq!(got.model_version, "1");
         assert_eq!(got.id, id, "the request id is echoed");
@@ -200,6 +217,8 @@ async fn model_infer_answers_exactly_as_evaluate_does() {
             assert_eq!(bits(g), bits(w), "{model} {gn}: same bits as xent.v1");
         }
     }
+    // Unnormalised dense labels (twice) and the NaN logit (input and loss row).
+    assert_eq!(unhealthy, 4, "the cases exercise the health counts");
 }
 
 #[tokio::test]

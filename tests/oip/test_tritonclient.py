@@ -162,6 +162,21 @@ def test_halves_travel_raw_and_keep_their_datatype(client, np_dtype, datatype):
     close(r.as_numpy("grad_logits"), grad * sw[:, None], TOL[np_dtype])
 
 
+def test_numerical_health_comes_back_as_response_parameters(client):
+    x = rng_logits((3, 4), 8).astype(np.float32)
+    x[1, 2] = np.nan
+    y = np.full((3, 4), 0.3, np.float32)  # rows sum to 1.2
+    r = client.infer(DENSE, [inp("logits", x, "FP32"), inp("labels", y, "FP32")])
+    health = {k: v.int64_param for k, v in r.get_response().parameters.items()}
+    assert health == {
+        "nonfinite_inputs": 1,
+        "unnormalized_label_rows": 3,
+        "nonfinite_loss_rows": 1,
+    }
+    loss = r.as_numpy("loss")
+    assert np.isnan(loss[1]) and np.isfinite(loss[[0, 2]]).all()
+
+
 def test_typed_contents_get_typed_outputs(xentd):
     """Clients that fill InferTensorContents instead of raw bytes (tritonclient's own stubs)."""
     x = rng_logits((2, 3), 5).astype(np.float32)
