@@ -916,6 +916,28 @@ mod tests {
     }
 
     #[test]
+    fn halves_travel_raw_only() {
+        let mut r = infer_request(xent_dense(false), false).unwrap();
+        r.inputs[0].datatype = "FP16".into();
+        assert_eq!(
+            invalid(r),
+            (
+                "logits".into(),
+                "carries fp32_contents, but FP16 has no typed contents in the protocol; send it in raw_input_contents".into()
+            )
+        );
+        // An empty half tensor needs no contents, and its (empty) outputs travel raw.
+        let req = proto::EvaluateRequest {
+            loss: proto::LossKind::SoftmaxCrossEntropy as i32,
+            logits: Some(encode(&[0, 3], Vec::<half::bf16>::new(), false)),
+            labels: Some(encode(&[0, 3], Vec::<half::bf16>::new(), false)),
+            ..Default::default()
+        };
+        let (ev, reply) = decode(infer_request(req, false).unwrap()).unwrap();
+        assert!(ev.raw_response && reply.raw);
+    }
+
+    #[test]
     fn responses_carry_the_requested_outputs_in_order() {
         let mut req = xent_dense(true);
         req.outputs = vec![proto::Output::GradLabels as i32, proto::Output::Loss as i32];
