@@ -1,11 +1,15 @@
 //! Compiles `proto/` with protox, a pure-Rust protobuf compiler, so a build needs no system
-//! `protoc`. The encoded descriptor set is written to `OUT_DIR` for gRPC server reflection.
+//! `protoc`: the xent.v1 API and the Open Inference Protocol subset xentd serves beside it. The
+//! encoded descriptor set (both packages) is written to `OUT_DIR` for gRPC server reflection.
 
 use std::path::PathBuf;
 
 use protox::prost::Message as _;
 
-const PROTOS: &[&str] = &["proto/xent/v1/xent.proto"];
+const PROTOS: &[&str] = &[
+    "proto/xent/v1/xent.proto",
+    "proto/inference/grpc_service.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
@@ -17,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Tensor payloads decode as `bytes::Bytes` slices of the received frame: no copy.
         .bytes(".xent.v1.Tensor.raw_data")
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -19,7 +19,9 @@
 //!
 //! Requests are built once, before the clock starts, and reused: a protobuf clone shares the
 //! tensor bytes (`bytes::Bytes`), so the generator measures the server, not its own copies.
-//! Several addresses are used round-robin, one HTTP/2 connection each.
+//! Several addresses are used round-robin, one HTTP/2 connection each. `--protocol oip` sends
+//! the same requests through the Open Inference Protocol's `ModelInfer` instead of xent.v1's
+//! `Evaluate`, so the two front ends can be compared on one server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,12 +40,15 @@ use tokio::time::Instant;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::api::oip;
 use crate::api::tensor::{AnyTensor, decode};
 use crate::client::{ClassId, EvalRequest, FloatElement, code_name};
 use crate::dtype::{DType, Element};
 use crate::eval::{LossKind, Options, Reduction, Wanted};
 use crate::kernel::reference::{self, RefLabels, RefOutput, RefProblem};
 use crate::proto;
+use crate::proto::inference::ModelInferRequest;
+use crate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::proto::xent_client::XentClient;
 use crate::verify::{max_error, tolerance};
 
@@ -53,6 +58,9 @@ use crate::verify::{max_error, tolerance};
 pub enum Protocol {
     /// `xent.v1.Xent/Evaluate`.
     Xent,
+    /// The Open Inference Protocol's `inference.GRPCInferenceService/ModelInfer`, with raw
+    /// input contents (as tritonclient sends them).
+    Oip,
 }
 
 /// Element type of the logits (and dense labels) on the wire.
@@ -305,6 +313,8 @@ struct Prepared {
     kind: LossKind,
     wanted: Wanted,
     xent: proto::EvaluateRequest,
+    /// The same request in the Open Inference Protocol, raw contents.
+    oip: ModelInferRequest,
     /// The float64 reference answer, computed only when verifying.
     reference: Option<RefOutput>,
 }
@@ -416,6 +426,7 @@ fn prepare<T: FloatElement>(args: &BenchArgs) -> Result<Prepared, String> {
         LossKind::Sparse => sparse_request(logits.view(), ids.view()),
     };
     let xent = request.options(options).wanted(wanted).to_proto();
+    let oip = oip::infer_request(xent.clone(), true)?;
     let reference = if args.verify > 0.0 {
         let problem = RefProblem {
             shape: vec![rows, classes],
@@ -452,6 +463,7 @@ fn prepare<T: FloatElement>(args: &BenchArgs) -> Result<Prepared, String> {
         kind,
         wanted,
         xent,
+        oip,
         reference,
     })
 }
@@ -468,6 +480,7 @@ fn sparse_request<T: FloatElement, I: ClassId>(
 struct Target {
     protocol: Protocol,
     xent: Vec<XentClient<Channel>>,
+    oip: Vec<GrpcInferenceServiceClient<Channel>>,
     next: Arc<AtomicU64>,
     timeout: Option<Duration>,
 }
@@ -478,7 +491,7 @@ impl Target {
         protocol: Protocol,
         timeout: Option<Duration>,
     ) -> Result<Target, String> {
-        let mut xent = Vec::new();
+        let (mut xent, mut oip) = (Vec::new(), Vec::new());
         for a in addresses {
             let uri = if a.contains("://") {
                 a.clone()
@@ -494,6 +507,11 @@ impl Target {
                 .connect()
                 .await
                 .map_err(|e| format!("cannot connect to {uri}: {e}"))?;
+            oip.push(
+                GrpcInferenceServiceClient::new(channel.clone())
+                    .max_decoding_message_size(1 << 30)
+                    .max_encoding_message_size(1 << 30),
+            );
             xent.push(
                 XentClient::new(channel)
                     .max_decoding_message_size(1 << 30)
@@ -503,6 +521,7 @@ impl Target {
         Ok(Target {
             protocol,
             xent,
+            oip,
             next: Arc::new(AtomicU64::new(0)),
             timeout,
         })
@@ -531,6 +550,28 @@ impl Target {
                     grad_logits: floats(response.grad_logits),
                     grad_labels: floats(response.grad_labels),
                 })
+            }
+            Protocol::Oip => {
+                let mut request = tonic::Request::new(prepared.oip.clone());
+                if let Some(t) = self.timeout {
+                    request.set_timeout(t);
+                }
+                let response = self.oip[i].clone().model_infer(request).await?.into_inner();
+                if !decode_outputs {
+                    return Ok(Answer::default());
+                }
+                // An answer that cannot be read counts as missing its outputs (a mismatch).
+                let mut answer = Answer::default();
+                for (name, t) in oip::outputs(response).unwrap_or_default() {
+                    let values = t.floats_to_f64();
+                    match name.as_str() {
+                        "loss" => answer.loss = values,
+                        "grad_logits" => answer.grad_logits = values,
+                        "grad_labels" => answer.grad_labels = values,
+                        _ => {}
+                    }
+                }
+                Ok(answer)
             }
         }
     }
@@ -972,6 +1013,7 @@ fn escape(s: &str) -> String {
 fn protocol_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Xent => "xent.v1",
+        Protocol::Oip => "oip (KServe v2 ModelInfer)",
     }
 }
 

@@ -22,6 +22,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The request names something this server does not have (an Open Inference Protocol
+    /// model or model version).
+    #[error("{0}")]
+    NotFound(String),
     /// The request exceeds a hard limit of this server and will never succeed here.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -57,6 +61,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "invalid_argument",
+            Error::NotFound(_) => "not_found",
             Error::ResourceExhausted(_) => "resource_exhausted",
             Error::Unavailable { .. } => "unavailable",
             Error::DeadlineExceeded(_) => "deadline_exceeded",
@@ -69,7 +74,8 @@ impl Error {
     pub fn field(&self) -> Option<&str> {
         match self {
             Error::InvalidArgument { field, .. } => Some(field),
-            Error::ResourceExhausted(_)
+            Error::NotFound(_)
+            | Error::ResourceExhausted(_)
             | Error::Unavailable { .. }
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
@@ -81,6 +87,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable { .. } => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -104,7 +111,8 @@ impl Error {
                 message,
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
-            Error::ResourceExhausted(_)
+            Error::NotFound(_)
+            | Error::ResourceExhausted(_)
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
             | Error::Internal(_) => Status::new(code, message),

@@ -38,6 +38,14 @@ pub mod verify;
 pub mod proto {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("xent.v1");
-    /// The encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection.
+    /// The encoded `FileDescriptorSet` of `proto/` (xent.v1 and inference), served by gRPC
+    /// reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("xent_descriptor");
+
+    /// The KServe v2 Open Inference Protocol (`inference.GRPCInferenceService`), generated from
+    /// `proto/inference/grpc_service.proto`.
+    pub mod inference {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("inference");
+    }
 }

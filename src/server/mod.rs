@@ -1,4 +1,5 @@
-//! The gRPC server: `xent.v1.Xent`, `grpc.health.v1.Health` and server reflection on one
+//! The gRPC server: `xent.v1.Xent`, the Open Inference Protocol's
+//! `inference.GRPCInferenceService`, `grpc.health.v1.Health` and server reflection on one
 //! port, with a warm-up before health says SERVING and a bounded graceful shutdown.
 //!
 //! [`Server::serve`] takes a bound listener and a shutdown future, so tests bind port 0 and
@@ -7,7 +8,9 @@
 //! within the grace period, then `serve` returns.
 
 mod arrival;
+mod call;
 mod deadline;
+mod oip;
 mod service;
 
 use std::future::Future;
@@ -19,6 +22,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use deadline::parse_timeout;
+pub use oip::OipService;
 pub use service::XentService;
 
 use crate::batcher::Batcher;
@@ -26,6 +30,7 @@ use crate::compute::{self, ComputePool};
 use crate::config::Settings;
 use crate::error::Error;
 use crate::proto;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::xent_server::XentServer;
 
 /// The name health reports the evaluation service under.
@@ -119,6 +124,15 @@ impl Server {
         .max_encoding_message_size(settings.max_message_bytes)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let inference = GrpcInferenceServiceServer::new(OipService::new(
+            batcher.clone(),
+            settings.default_timeout,
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        ))
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = {
@@ -137,6 +151,7 @@ impl Server {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(xent)
+            .add_service(inference)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
         let grace = settings.shutdown_grace;
         let deadline = async move {
@@ -183,6 +198,7 @@ pub fn transport(settings: &Settings) -> tonic::transport::Server {
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
+    health.set_service_status(oip::SERVICE_NAME, status).await;
 }
 
 /// Runs the spec's worked example through the pool; SERVING only once it gives the right

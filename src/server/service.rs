@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, field};
 
 use super::arrival::arrived;
+use super::call::{Call, rpc_span};
 use super::deadline::deadline;
 use crate::api;
 use crate::batcher::Batcher;
 use crate::error::Error;
-use crate::metrics as m;
 use crate::proto;
 use crate::proto::xent_server::Xent;
 
@@ -40,28 +39,6 @@ impl XentService {
         }
     }
 
-    /// The span of one call; its trace continues the caller's when `metadata` carries one.
-    fn rpc_span(
-        method: &'static str,
-        request_id: &str,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> tracing::Span {
-        let span = tracing::info_span!(
-            "rpc",
-            method,
-            request_id = %request_id,
-            loss = field::Empty,
-            dtype = field::Empty,
-            shape = field::Empty,
-            rows = field::Empty,
-            code = field::Empty,
-            queue_wait_ms = field::Empty,
-            compute_ms = field::Empty,
-        );
-        crate::telemetry::continue_trace(&span, metadata);
-        span
-    }
-
     /// Validates one request and waits for its answer, inside its `rpc` span.
     async fn evaluate_one(
         batcher: Batcher,
@@ -71,81 +48,16 @@ impl XentService {
         arrived: Instant,
         deadline: Instant,
     ) -> Result<proto::EvaluateResponse, Error> {
-        let _in_flight = InFlight::enter();
-        // Counts the call as CANCELLED if the client goes away and this future is dropped.
-        let mut record = CallRecord {
+        let call = Call {
+            batcher,
             method,
+            span,
+            received_bytes: req.encoded_len(),
             arrived,
-            done: false,
+            deadline,
         };
-        metrics::counter!(m::RECEIVED_BYTES).increment(req.encoded_len() as u64);
-        let result = async {
-            let ev = tracing::info_span!("decode").in_scope(|| api::decode(req))?;
-            let span = tracing::Span::current();
-            span.record("loss", ev.kind.name());
-            span.record("dtype", ev.tensors.dtype().name());
-            span.record("shape", field::debug(&ev.shape));
-            span.record("rows", ev.layout.rows());
-            metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
-            batcher.submit(ev, arrived, deadline).await
-        }
-        .instrument(span.clone())
-        .await;
-        let code = result
-            .as_ref()
-            .map_or_else(Error::code, |_| tonic::Code::Ok);
-        span.record("code", m::code_label(code));
-        record.finish(code);
-        if let Ok(resp) = &result {
-            metrics::counter!(m::SENT_BYTES).increment(resp.encoded_len() as u64);
-        }
-        span.in_scope(|| match &result {
-            Ok(_) => tracing::debug!("evaluated"),
-            Err(e) => tracing::info!(error = %e, "refused"),
-        });
-        result
-    }
-}
-
-/// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once: with its code when it is
-/// answered, or as CANCELLED when its future is dropped first (the client went away).
-struct CallRecord {
-    method: &'static str,
-    arrived: Instant,
-    done: bool,
-}
-
-impl CallRecord {
-    fn finish(&mut self, code: tonic::Code) {
-        self.done = true;
-        let method = self.method;
-        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
-        metrics::histogram!(m::CALL_DURATION, "method" => method)
-            .record(self.arrived.elapsed().as_secs_f64());
-    }
-}
-
-impl Drop for CallRecord {
-    fn drop(&mut self) {
-        if !self.done {
-            self.finish(tonic::Code::Cancelled);
-        }
-    }
-}
-
-/// Counts a call in [`m::IN_FLIGHT`] for as long as it lives.
-struct InFlight;
-
-impl InFlight {
-    fn enter() -> InFlight {
-        metrics::gauge!(m::IN_FLIGHT).increment(1.0);
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+        call.run(|| api::decode(req).map(|ev| (ev, ())), |(), resp| Ok(resp))
+            .await
     }
 }
 
@@ -160,7 +72,7 @@ impl Xent for XentService {
     ) -> Result<Response<proto::EvaluateResponse>, Status> {
         let arrived = arrived(&request);
         let deadline = deadline(request.metadata(), arrived, self.default_timeout);
-        let span = Self::rpc_span(
+        let span = rpc_span(
             "Evaluate",
             &request.get_ref().request_id,
             request.metadata(),
@@ -197,7 +109,7 @@ impl Xent for XentService {
                     let id = req.request_id.clone();
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
-                    let span = Self::rpc_span("EvaluateStream", &id, &metadata);
+                    let span = rpc_span("EvaluateStream", &id, &metadata);
                     let result = match Self::evaluate_one(
                         batcher,
                         "EvaluateStream",

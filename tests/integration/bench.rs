@@ -1,5 +1,6 @@
 //! `xent bench` against a real server: the counts add up, nothing fails, answers verify,
-//! `--json` is one parsable object and `--plot` writes an SVG chart.
+//! `--json` is one parsable object, `--plot` writes an SVG chart, and `--protocol oip` goes
+//! through ModelInfer.
 
 use std::process::Command;
 
@@ -160,5 +161,105 @@ async fn errors_are_counted_by_code() {
         report["errors"]["INVALID_ARGUMENT"].as_u64().unwrap(),
         requests,
         "{report}"
+    );
+}
+
+/// `GET /metrics` of a metrics listener.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read /metrics");
+    body
+}
+
+/// The value of `xent_calls_total` for `method` and `code` (0 when there is no series).
+fn calls(metrics: &str, method: &str, code: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("xent_calls_total{"))
+        .filter(|l| l.contains(&format!("method=\"{method}\"")))
+        .filter(|l| l.contains(&format!("code=\"{code}\"")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn the_oip_protocol_loads_model_infer_and_verifies() {
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (child, endpoint) =
+        crate::common::spawn_xentd(&["--metrics-listen", &metrics], std::process::Stdio::null());
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _xentd = Kill(child);
+    let common = |extra: &[&str]| {
+        let mut args = strings(&[
+            "--address",
+            &endpoint,
+            "--protocol",
+            "oip",
+            "--rows",
+            "8",
+            "--classes",
+            "16",
+            "--json",
+        ]);
+        args.extend(strings(extra));
+        args
+    };
+    // Open loop: exactly 50 calls, every answer checked against the float64 reference.
+    let out = bench(common(&[
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--loss",
+        "dense",
+        "--dtype",
+        "float16",
+        "--reduction",
+        "mean",
+        "--outputs",
+        "loss,grad_logits,grad_labels",
+        "--verify",
+        "1",
+    ]))
+    .await;
+    let report = json(&out);
+    check_counts(&report);
+    assert_eq!(report["protocol"], "oip");
+    assert_eq!(report["requests"], 50, "{report}");
+    assert_eq!(report["verify"]["checked"], 50, "{report}");
+    assert_eq!(report["verify"]["mismatches"], 0, "{report}");
+    // Invalid options are refused through ModelInfer too.
+    let out = bench(common(&[
+        "--concurrency",
+        "2",
+        "--duration",
+        "0.3",
+        "--label-smoothing",
+        "2",
+    ]))
+    .await;
+    let refused = json(&out);
+    let invalid = refused["errors"]["INVALID_ARGUMENT"].as_u64().unwrap();
+    assert!(invalid > 0 && refused["ok"] == 0, "{refused}");
+
+    let m = scrape(&metrics);
+    assert_eq!(calls(&m, "ModelInfer", "OK"), 50, "{m}");
+    assert_eq!(calls(&m, "ModelInfer", "INVALID_ARGUMENT"), invalid, "{m}");
+    assert_eq!(
+        calls(&m, "Evaluate", "OK"),
+        0,
+        "nothing went through xent.v1"
     );
 }

@@ -9,6 +9,8 @@ mod common;
 mod conformance;
 // Batching, backpressure, deadlines and drain under load.
 mod load;
+// The Open Inference Protocol (KServe v2) beside xent.v1, answer for answer.
+mod oip;
 // Metrics scraped by a real Prometheus; the deploy/ rules and dashboard run on it.
 mod observability;
 // A caller's trace continues into xentd (needs the `otel` feature).

@@ -87,7 +87,11 @@ async fn health_and_reflection_report_the_services() {
         panic!("no service list")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["xent.v1.Xent", "grpc.health.v1.Health"] {
+    for want in [
+        "xent.v1.Xent",
+        "grpc.health.v1.Health",
+        "inference.GRPCInferenceService",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
     server

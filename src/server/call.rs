@@ -1,0 +1,149 @@
+//! One call of any protocol, from its decoded request to its answer: its `rpc` span, its
+//! counts and timings in the metrics, its log line. xent.v1's `Evaluate` and
+//! `EvaluateStream` and the Open Inference Protocol's `ModelInfer` differ only in how they
+//! decode a request and build an answer; everything an operator sees of a call is done here,
+//! once, the same way for each.
+
+use std::time::Instant;
+
+use tracing::{Instrument, field};
+
+use crate::batcher::Batcher;
+use crate::error::Error;
+use crate::eval::Evaluation;
+use crate::metrics as m;
+use crate::proto;
+
+/// The span of one call; its trace continues the caller's when `metadata` carries one.
+pub(super) fn rpc_span(
+    method: &'static str,
+    request_id: &str,
+    metadata: &tonic::metadata::MetadataMap,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        request_id = %request_id,
+        loss = field::Empty,
+        dtype = field::Empty,
+        shape = field::Empty,
+        rows = field::Empty,
+        code = field::Empty,
+        queue_wait_ms = field::Empty,
+        compute_ms = field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, metadata);
+    span
+}
+
+/// Where a call goes and what is known of it before it is decoded.
+pub(super) struct Call {
+    /// The batcher that computes it.
+    pub batcher: Batcher,
+    /// The RPC, as metrics and spans label it.
+    pub method: &'static str,
+    /// Its `rpc` span.
+    pub span: tracing::Span,
+    /// Protobuf-encoded size of the request.
+    pub received_bytes: usize,
+    /// When it arrived.
+    pub arrived: Instant,
+    /// When it must be answered by.
+    pub deadline: Instant,
+}
+
+impl Call {
+    /// Runs the call: `decode` validates the request (into the evaluation and whatever
+    /// `respond` needs from it), the batcher computes it, `respond` builds the protocol's
+    /// answer. Counted, timed and logged once, inside the `rpc` span.
+    pub(super) async fn run<C, R: prost::Message>(
+        self,
+        decode: impl FnOnce() -> Result<(Evaluation, C), Error>,
+        respond: impl FnOnce(C, proto::EvaluateResponse) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let Call {
+            batcher,
+            method,
+            span,
+            received_bytes,
+            arrived,
+            deadline,
+        } = self;
+        let _in_flight = InFlight::enter();
+        // Counts the call as CANCELLED if the client goes away and this future is dropped.
+        let mut record = CallRecord {
+            method,
+            arrived,
+            done: false,
+        };
+        metrics::counter!(m::RECEIVED_BYTES).increment(received_bytes as u64);
+        let result = async {
+            let (ev, context) = tracing::info_span!("decode").in_scope(decode)?;
+            let span = tracing::Span::current();
+            span.record("loss", ev.kind.name());
+            span.record("dtype", ev.tensors.dtype().name());
+            span.record("shape", field::debug(&ev.shape));
+            span.record("rows", ev.layout.rows());
+            metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
+            let resp = batcher.submit(ev, arrived, deadline).await?;
+            respond(context, resp)
+        }
+        .instrument(span.clone())
+        .await;
+        let code = result
+            .as_ref()
+            .map_or_else(Error::code, |_| tonic::Code::Ok);
+        span.record("code", m::code_label(code));
+        record.finish(code);
+        if let Ok(resp) = &result {
+            metrics::counter!(m::SENT_BYTES).increment(resp.encoded_len() as u64);
+        }
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::debug!("evaluated"),
+            Err(e) => tracing::info!(error = %e, "refused"),
+        });
+        result
+    }
+}
+
+/// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once: with its code when it is
+/// answered, or as CANCELLED when its future is dropped first (the client went away).
+struct CallRecord {
+    method: &'static str,
+    arrived: Instant,
+    done: bool,
+}
+
+impl CallRecord {
+    fn finish(&mut self, code: tonic::Code) {
+        self.done = true;
+        let method = self.method;
+        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
+        metrics::histogram!(m::CALL_DURATION, "method" => method)
+            .record(self.arrived.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// Counts a call in [`m::IN_FLIGHT`] for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+    }
+}
