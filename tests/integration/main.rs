@@ -2,6 +2,8 @@
 
 // The load generator, `xent bench`.
 mod bench;
+// xentd's calls counter against the load generator's own counts.
+mod call_counts;
 // The xent CLI and the Rust client library.
 mod cli;
 mod common;

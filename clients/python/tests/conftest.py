@@ -1,5 +1,6 @@
 """A real xentd for the client tests: the binary from $XENTD_BIN (default target/debug/xentd),
-started once per session on a port the OS picks, ready once its health service says SERVING."""
+started once per session on a port the OS picks, ready once its health service says SERVING;
+and torch, required or optional."""
 
 from __future__ import annotations
 
@@ -15,9 +16,22 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-def _start(binary: Path):
+def import_torch():
+    """torch, for the tests of the PyTorch integration. Where XENT_TEST_TORCH=1 (CI sets it, and
+    scripts/test then installs torch) a missing torch fails those tests; elsewhere it skips
+    them."""
+    if os.environ.get("XENT_TEST_TORCH") == "1":
+        import torch
+
+        return torch
+    return pytest.importorskip("torch", reason="torch is not installed (XENT_TEST_TORCH=1 scripts/test installs it)")
+
+
+def start_xentd(binary: Path, *args: str):
+    """Starts `binary` on a free port with `args` (default: no metrics listener) and returns
+    the process and its address once it is SERVING."""
     process = subprocess.Popen(
-        [str(binary), "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
+        [str(binary), "--listen", "127.0.0.1:0", *(args or ("--metrics-listen", "off"))],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -46,7 +60,7 @@ def _start(binary: Path):
     return process, address
 
 
-def _stop(process) -> None:
+def stop_xentd(process) -> None:
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=15)
@@ -65,13 +79,13 @@ def xentd_binary() -> Path:
 
 @pytest.fixture(scope="session")
 def address(xentd_binary) -> str:
-    process, address = _start(xentd_binary)
+    process, address = start_xentd(xentd_binary)
     yield address
-    _stop(process)
+    stop_xentd(process)
 
 
 @pytest.fixture(scope="session")
 def second_address(xentd_binary) -> str:
-    process, address = _start(xentd_binary)
+    process, address = start_xentd(xentd_binary)
     yield address
-    _stop(process)
+    stop_xentd(process)

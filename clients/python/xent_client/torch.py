@@ -27,8 +27,10 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    # A copy: arrays decoded from a response are read-only views of its bytes, and torch
+    # tensors must be writable.
     if a.dtype.name == "bfloat16":
-        t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        t = torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_numpy(np.array(a))
     return t.to(device=like.device)
