@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from xent_client import AsyncClient, Client, RetryPolicy, XentError
+from xent_client import AsyncClient, Client, Health, RetryPolicy, XentError
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE.parents[2] / "tests" / "reference"
@@ -139,6 +139,14 @@ def test_every_dtype_and_outputs(client):
             # The semantics document's worked example, given to 8 digits.
             want = [0.46436878, 0.57048061]
             np.testing.assert_allclose(r.loss.astype(np.float64), want, rtol=max(rtol, 1e-7), atol=atol)
+
+
+def test_numerical_health(client):
+    x = np.array([[1.0, np.nan, 0.5], [0.2, -np.inf, 1.5], [0.1, 0.2, 0.3]], np.float32)
+    y = np.array([[0, 1, 0], [0, 0, 1], [0.5, 0, 0]], np.float32)
+    r = client.evaluate(x, y)
+    assert r.health == Health(nonfinite_inputs=2, unnormalized_label_rows=1, nonfinite_loss_rows=1)
+    assert client.evaluate(x[2:] * 0, y[:1]).health == Health()
 
 
 def test_generated_stubs_are_up_to_date():

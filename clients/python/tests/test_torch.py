@@ -70,6 +70,9 @@ def test_ignore_index_and_weighted_mean(address):
     w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
     with Client(address, timeout=30) as client:
         _compare(client, x, y, 1e-9, 1e-12, weight=w, ignore_index=-100)
+        # -100 is the default, as in PyTorch; another index works too.
+        _compare(client, x, y, 1e-9, 1e-12, weight=w)
+        _compare(client, x, torch.where(y == -100, 7, y), 1e-9, 1e-12, ignore_index=7)
 
 
 def test_bfloat16(address):

@@ -4,7 +4,7 @@
 into PyTorch's autograd (imported on demand, so torch stays optional).
 """
 
-from xent_client.client import AsyncClient, Client, Result, RetryPolicy, XentError, from_tensor, to_tensor
+from xent_client.client import AsyncClient, Client, Health, Result, RetryPolicy, XentError, from_tensor, to_tensor
 
-__all__ = ["AsyncClient", "Client", "Result", "RetryPolicy", "XentError", "from_tensor", "to_tensor"]
+__all__ = ["AsyncClient", "Client", "Health", "Result", "RetryPolicy", "XentError", "from_tensor", "to_tensor"]
 __version__ = "0.1.0"

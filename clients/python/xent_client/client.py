@@ -15,7 +15,7 @@ import itertools
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import grpc
@@ -125,14 +125,28 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.max_backoff, self.initial_backoff * 2 ** (retry - 1)))
 
 
+@dataclass(frozen=True)
+class Health:
+    """What the server saw of a request's numbers (counts over the rows it computed)."""
+
+    nonfinite_inputs: int = 0
+    """NaN or infinite values in logits, dense labels, weights and upstream (-inf masks too)."""
+    unnormalized_label_rows: int = 0
+    """Dense label rows whose sum is off 1 by more than 1e-3 (1e-2 for halves)."""
+    nonfinite_loss_rows: int = 0
+    """Rows whose (weighted) per-example loss is NaN or infinite."""
+
+
 @dataclass
 class Result:
-    """The outputs asked for (None otherwise), in the logits' dtype."""
+    """The outputs asked for (None otherwise), in the logits' dtype, and the numerical
+    health of the request."""
 
     loss: np.ndarray | None
     grad_logits: np.ndarray | None
     grad_labels: np.ndarray | None
     request_id: str = ""
+    health: Health = field(default_factory=Health)
 
 
 def build_request(
@@ -206,7 +220,9 @@ def decode_response(resp: pb.EvaluateResponse) -> Result:
     def get(name):
         return from_tensor(getattr(resp, name)) if resp.HasField(name) else None
 
-    return Result(get("loss"), get("grad_logits"), get("grad_labels"), resp.request_id)
+    h = resp.health
+    health = Health(h.nonfinite_inputs, h.unnormalized_label_rows, h.nonfinite_loss_rows)
+    return Result(get("loss"), get("grad_logits"), get("grad_labels"), resp.request_id, health)
 
 
 def _channel_options() -> list[tuple[str, object]]:

@@ -69,20 +69,21 @@ def cross_entropy(
     client: Client,
     *,
     weight: torch.Tensor | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     axis: int = 1,
     **options,
 ) -> torch.Tensor:
     """Like torch.nn.functional.cross_entropy (class axis 1 by default, reduction "mean"),
-    computed by xentd. Unlike PyTorch, ignore_index is unset by default; a mean over only
-    ignored targets is 0 instead of NaN (the contract's safe division)."""
+    computed by xentd. As in PyTorch, ignore_index (-100 by default) applies to class-index
+    targets only; None turns it off. Unlike PyTorch, a mean over only ignored targets is 0
+    instead of NaN (the contract's safe division)."""
     if input.dim() == 1:
         axis = 0
     opts = dict(options, axis=axis, reduction=reduction, label_smoothing=label_smoothing)
     if weight is not None:
         opts["class_weights"] = weight
-    if ignore_index is not None:
+    if ignore_index is not None and not target.is_floating_point():
         opts["ignore_index"] = ignore_index
     return CrossEntropy.apply(input, target, client, opts)
