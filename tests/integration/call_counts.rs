@@ -6,8 +6,7 @@
 //! (clients/python/tests/test_call_counts.py holds the same check for the Python client.)
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::common::spawn_xentd;
+use crate::common::{free_port, http_get, spawn_xentd};
 
 /// xentd, killed when dropped so a failed assertion leaves nothing running.
 struct Xentd(Child);
@@ -26,14 +25,6 @@ impl Drop for Xentd {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// A loopback port nobody listens on (the OS's choice, released at once).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 async fn wait_serving(endpoint: &str) {
@@ -60,20 +51,11 @@ async fn wait_serving(endpoint: &str) {
 fn scrape(addr: SocketAddr) -> String {
     let mut last_error = None;
     for _ in 0..100 {
-        let attempt = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut raw = String::new();
-            s.read_to_string(&mut raw)?;
-            let (head, body) = raw
-                .split_once("\r\n\r\n")
-                .ok_or_else(|| std::io::Error::other(format!("no end of headers: {raw:?}")))?;
-            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-                return Err(std::io::Error::other(format!("answered {head:?}")));
-            }
-            Ok(body.to_string())
-        })();
+        let attempt = match http_get(addr, "/metrics") {
+            Ok((200, body)) => Ok(body),
+            Ok((status, _)) => Err(std::io::Error::other(format!("answered {status}"))),
+            Err(e) => Err(e),
+        };
         match attempt {
             Ok(body) => return body,
             Err(e) => last_error = Some(e),

@@ -5,8 +5,8 @@
 //! without error.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use xent::api::tensor::encode;
 use xent::proto::{EvaluateRequest, LossKind, NumericalHealth, evaluate_stream_response};
 
-use crate::common::Client;
+use crate::common::{Client, free_port, http_get as get};
 
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
 const DASHBOARD: &str = concat!(
@@ -42,14 +42,6 @@ fn tool(name: &str) -> PathBuf {
                  apt-get install -y prometheus)"
             )
         })
-}
-
-/// A loopback port nobody listens on (the OS's choice, released at once).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// A child process killed when dropped, so a failed assertion leaves nothing running.
@@ -81,29 +73,6 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// `GET path` and the status and body of the answer. HTTP/1.0, so the body is never chunked
-/// and ends when the server closes the connection.
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let raw = String::from_utf8(raw).map_err(std::io::Error::other)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no end of headers in {raw:?}")))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
-    Ok((status, body.to_string()))
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).
