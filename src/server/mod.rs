@@ -8,6 +8,7 @@
 
 mod arrival;
 mod deadline;
+mod message_size;
 mod service;
 
 use std::future::Future;
@@ -114,9 +115,13 @@ impl Server {
             batcher.clone(),
             settings.stream_concurrency,
             settings.default_timeout,
+            settings.max_message_bytes,
         ))
+        // The handlers and `MessageSizeLayer` refuse what is over the limit first, with
+        // RESOURCE_EXHAUSTED; tonic's checks stay as a backstop (the decoding one also bounds a
+        // decompressed message, and the encoding one leaves room for gzip's worst case).
         .max_decoding_message_size(settings.max_message_bytes)
-        .max_encoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
 
@@ -133,6 +138,9 @@ impl Server {
         };
         let server = transport(&settings)
             .layer(arrival::ArrivalLayer)
+            .layer(message_size::MessageSizeLayer::new(
+                settings.max_message_bytes,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)

@@ -11,6 +11,7 @@ use tracing::{Instrument, field};
 
 use super::arrival::arrived;
 use super::deadline::deadline;
+use super::message_size::{answer_bytes_at_least, check_answer};
 use crate::api;
 use crate::batcher::Batcher;
 use crate::error::Error;
@@ -24,19 +25,22 @@ pub struct XentService {
     batcher: Batcher,
     stream_concurrency: usize,
     default_timeout: Duration,
+    max_message_bytes: usize,
 }
 
 impl XentService {
-    /// A service queueing work on `batcher`.
+    /// A service queueing work on `batcher`, sending answers of at most `max_message_bytes`.
     pub fn new(
         batcher: Batcher,
         stream_concurrency: usize,
         default_timeout: Duration,
+        max_message_bytes: usize,
     ) -> XentService {
         XentService {
             batcher,
             stream_concurrency,
             default_timeout,
+            max_message_bytes,
         }
     }
 
@@ -62,7 +66,8 @@ impl XentService {
         span
     }
 
-    /// Validates one request and waits for its answer, inside its `rpc` span.
+    /// Validates one request and waits for its answer, inside its `rpc` span. The answer must
+    /// fit in `room`.
     async fn evaluate_one(
         batcher: Batcher,
         method: &'static str,
@@ -70,6 +75,7 @@ impl XentService {
         req: proto::EvaluateRequest,
         arrived: Instant,
         deadline: Instant,
+        room: AnswerRoom,
     ) -> Result<proto::EvaluateResponse, Error> {
         let _in_flight = InFlight::enter();
         // Counts the call as CANCELLED if the client goes away and this future is dropped.
@@ -87,7 +93,11 @@ impl XentService {
             span.record("shape", field::debug(&ev.shape));
             span.record("rows", ev.layout.rows());
             metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
-            batcher.submit(ev, arrived, deadline).await
+            // Refused before computing when its data alone cannot be sent.
+            room.check(answer_bytes_at_least(&ev), false)?;
+            let resp = batcher.submit(ev, arrived, deadline).await?;
+            room.check(resp.encoded_len(), true)?;
+            Ok(resp)
         }
         .instrument(span.clone())
         .await;
@@ -118,10 +128,36 @@ struct CallRecord {
 impl CallRecord {
     fn finish(&mut self, code: tonic::Code) {
         self.done = true;
-        let method = self.method;
-        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
-        metrics::histogram!(m::CALL_DURATION, "method" => method)
-            .record(self.arrived.elapsed().as_secs_f64());
+        count_call(self.method, self.arrived, code);
+    }
+}
+
+/// Counts a call of `method` that `arrived`, answered with `code`.
+pub(super) fn count_call(method: &'static str, arrived: Instant, code: tonic::Code) {
+    metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
+    metrics::histogram!(m::CALL_DURATION, "method" => method)
+        .record(arrived.elapsed().as_secs_f64());
+}
+
+/// How large an answer may be: the message limit, less what the RPC wraps around it.
+#[derive(Clone, Copy, Debug)]
+struct AnswerRoom {
+    /// The message limit, less the wrapper's fixed fields.
+    bytes: usize,
+    /// Whether the answer is wrapped in an `EvaluateStreamResponse` (as field 2, `response`).
+    in_stream: bool,
+}
+
+impl AnswerRoom {
+    /// Refuses an answer of `answer` bytes (at least, unless `computed`) that does not fit.
+    fn check(self, answer: usize, computed: bool) -> Result<(), Error> {
+        // A one-byte tag and the length as a varint.
+        let wrapper = if self.in_stream {
+            1 + prost::encoding::encoded_len_varint(answer as u64)
+        } else {
+            0
+        };
+        check_answer(answer + wrapper, self.bytes, computed)
     }
 }
 
@@ -172,6 +208,10 @@ impl Xent for XentService {
             request.into_inner(),
             arrived,
             deadline,
+            AnswerRoom {
+                bytes: self.max_message_bytes,
+                in_stream: false,
+            },
         )
         .await?;
         Ok(Response::new(out))
@@ -185,6 +225,7 @@ impl Xent for XentService {
     ) -> Result<Response<Self::EvaluateStreamStream>, Status> {
         let batcher = self.batcher.clone();
         let per_request = self.default_timeout;
+        let max_message = self.max_message_bytes;
         // The stream's trace context (if any) is the parent of every request's span.
         let metadata = request.metadata().clone();
         let inbound = request.into_inner();
@@ -198,6 +239,15 @@ impl Xent for XentService {
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
                     let span = Self::rpc_span("EvaluateStream", &id, &metadata);
+                    // Field 1 (`request_id`) takes its share of the limit.
+                    let room = AnswerRoom {
+                        bytes: max_message.saturating_sub(if id.is_empty() {
+                            0
+                        } else {
+                            prost::encoding::string::encoded_len(1, &id)
+                        }),
+                        in_stream: true,
+                    };
                     let result = match Self::evaluate_one(
                         batcher,
                         "EvaluateStream",
@@ -205,6 +255,7 @@ impl Xent for XentService {
                         req,
                         now,
                         now + per_request,
+                        room,
                     )
                     .await
                     {
