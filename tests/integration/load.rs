@@ -202,12 +202,17 @@ async fn overload_is_refused_at_once_and_survived() {
     let client = server.client().await;
     let gate = server.block_compute();
     let req = mixed_requests().swap_remove(7);
-    let calls: Vec<_> = (0..20)
-        .map(|_| {
-            let (mut c, r) = (client.clone(), req.clone());
-            tokio::spawn(async move { c.evaluate(r).await })
-        })
-        .collect();
+    let call = || {
+        let (mut c, r) = (client.clone(), req.clone());
+        tokio::spawn(async move { c.evaluate(r).await })
+    };
+    // One call takes the only compute slot first (calls sent together may share its batch).
+    let mut calls = vec![call()];
+    eventually("the first call holds the slot", || {
+        server.stats().inflight_batches.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    calls.extend((0..19).map(|_| call()));
     // While the pool is still blocked, the refusals have all been answered: nothing waited.
     eventually("15 refusals while blocked", || {
         server.stats().shed_queue_requests.load(Ordering::SeqCst) == 15
