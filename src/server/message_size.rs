@@ -164,11 +164,13 @@ impl Limited {
     fn refuse(&self, len: u64) -> Status {
         m::shed(ShedReason::TooLarge);
         super::service::count_call(self.method, self.arrived, tonic::Code::ResourceExhausted);
-        Error::ResourceExhausted(format!(
+        let e = Error::ResourceExhausted(format!(
             "the request message is {len} bytes; this server accepts messages of at most {} bytes (raise it with {FLAG}, or send fewer rows per request)",
             self.limit
-        ))
-        .into_status()
+        ));
+        // As the handlers log every call not answered OK (no handler sees this one).
+        tracing::info!(method = self.method, code = "RESOURCE_EXHAUSTED", error = %e, "refused");
+        e.into_status()
     }
 }
 
