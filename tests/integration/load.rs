@@ -622,3 +622,63 @@ async fn messages_over_the_size_limit_are_resource_exhausted_naming_the_limit() 
         "the server goes on"
     );
 }
+
+/// The Prometheus exposition served at `addr`, once it answers.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    for _ in 0..300 {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: xentd\r\n\r\n");
+            let mut body = String::new();
+            if s.read_to_string(&mut body).is_ok() && body.contains("xent_") {
+                return body;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no metrics at {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_counted_as_refused_calls_and_shed() {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (mut child, endpoint) = spawn_xentd(
+        &[
+            "--max-message-bytes",
+            "1048576",
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+        Stdio::null(),
+    );
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = xent::proto::xent_client::XentClient::new(channel)
+        .max_encoding_message_size(crate::common::CLIENT_MAX_MESSAGE);
+    let rows = 300;
+    let err = client
+        .evaluate(EvaluateRequest {
+            loss: LossKind::SparseSoftmaxCrossEntropy as i32,
+            logits: Some(encode(&[rows, 1000], values(rows * 1000, 1), true)),
+            labels: Some(encode(&[rows], vec![0i64; rows], true)),
+            ..Default::default()
+        })
+        .await
+        .expect_err("over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    let body = scrape(metrics).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    for series in [
+        "xent_shed_total{reason=\"too_large\"} 1",
+        "xent_calls_total{method=\"Evaluate\",code=\"RESOURCE_EXHAUSTED\"} 1",
+    ] {
+        assert!(body.contains(series), "{series} in\n{body}");
+    }
+}
