@@ -274,7 +274,18 @@ async fn expired_and_abandoned_calls_are_never_computed() {
         .evaluate(timed)
         .await
         .expect_err("expires while queued");
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    // xentd answers DEADLINE_EXCEEDED 2 ms before the deadline; tonic's client enforces the
+    // same grpc-timeout itself and ends the call CANCELLED ("Timeout expired") when that answer
+    // is late, which a loaded machine (client and server share this runtime) sometimes makes
+    // it. Either way the call ended at its deadline; that the server dropped it uncomputed is
+    // checked below.
+    assert!(
+        err.code() == Code::DeadlineExceeded
+            || (err.code() == Code::Cancelled && err.message() == "Timeout expired"),
+        "{:?}: {}",
+        err.code(),
+        err.message()
+    );
     let abandoned = {
         let (mut c, r) = (client.clone(), req.clone());
         tokio::spawn(async move { c.evaluate(r).await })
