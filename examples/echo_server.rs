@@ -7,7 +7,6 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use xent::config::Settings;
 use xent::proto::xent_server::{Xent, XentServer};
@@ -78,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_encoding_message_size(settings.max_message_bytes);
     xent::server::transport(&settings)
         .add_service(service)
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(xent::server::incoming(listener))
         .await?;
     Ok(())
 }

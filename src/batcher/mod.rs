@@ -386,23 +386,43 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>, pool: Co
                 None => std::future::pending().await,
             }
         };
+        // Whether a caller stopped waiting: only then can a request have been abandoned.
+        let mut left = false;
         tokio::select! {
             msg = rx.recv(), if open => match msg {
                 Some(Msg::Submit(e)) => accept(&mut queue, *e, &shared),
-                Some(Msg::Wake) => {}
+                Some(Msg::Wake) => left = true,
                 None => open = false,
             },
             Some(()) = done_rx.recv() => inflight -= 1,
             () = sleep => {}
         }
         // Take everything else already sent, so one wake-up serves a burst.
-        while let Ok(msg) = rx.try_recv() {
-            if let Msg::Submit(e) = msg {
-                accept(&mut queue, *e, &shared);
-            }
+        left |= take_sent(&mut rx, &mut queue, &shared);
+        if shared.settings.limits.batching
+            && inflight < shared.settings.max_inflight_batches
+            && !queue.is_empty()
+        {
+            // A slot is free. Before filling it, let the handlers that are already runnable
+            // submit too: tokio runs a task woken by a send next (its LIFO slot), so this task
+            // would otherwise dispatch each request alone as it comes, however many are ready
+            // right behind it. The yield waits for no timer: this task runs again once the
+            // work already runnable has run and the sockets have been polled once.
+            tokio::task::yield_now().await;
+            left |= take_sent(&mut rx, &mut queue, &shared);
+        }
+        // Freed slots reported meanwhile, so one wake-up dispatches into all of them.
+        while done_rx.try_recv().is_ok() {
+            inflight -= 1;
         }
         let now = Instant::now();
-        for dropped in queue.purge(now, |job| job.reply.is_closed()) {
+        let purge = left || queue.deadline_passed(now);
+        let dropped = if purge {
+            queue.purge(now, |job| job.reply.is_closed())
+        } else {
+            Vec::new()
+        };
+        for dropped in dropped {
             let (entry, counter, reason, error) = match dropped {
                 Dropped::Expired(e) => (
                     e,
@@ -450,6 +470,22 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>, pool: Co
     }
 }
 
+/// Queues every request sent so far; whether a caller stopped waiting meanwhile.
+fn take_sent(
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+    queue: &mut Queue<Job>,
+    shared: &Shared,
+) -> bool {
+    let mut left = false;
+    while let Ok(msg) = rx.try_recv() {
+        match msg {
+            Msg::Submit(e) => accept(queue, *e, shared),
+            Msg::Wake => left = true,
+        }
+    }
+    left
+}
+
 fn accept(queue: &mut Queue<Job>, entry: Entry<Job>, shared: &Shared) {
     // The handle reserved room already, so this only fails if limits disagree.
     if let Err((_, e)) = queue.push(entry) {
@@ -469,6 +505,12 @@ fn release(shared: &Shared, bytes: usize) {
 /// Elements a batch must hold before its timing updates the kernel-rate estimate (smaller
 /// ones mostly measure dispatch).
 const RATE_SAMPLE_ELEMENTS: usize = 1 << 17;
+
+/// Logits elements of a batch's requests below which they are computed on one thread. A
+/// share handed to another compute thread wakes it, which costs more than computing a few
+/// small requests (a 1x1000 row takes about a microsecond); from about this size (tens of
+/// microseconds of kernel work) spreading pays.
+const SPLIT_ELEMENTS: usize = 1 << 16;
 
 /// Runs one batch as one job on the pool.
 fn dispatch(
@@ -504,13 +546,21 @@ fn dispatch(
     for e in &batch.entries {
         release(&shared, e.bytes);
     }
+    let mean_elements = batch
+        .entries
+        .iter()
+        .map(|e| e.payload.ev.elements())
+        .sum::<usize>()
+        / batch.entries.len().max(1);
+    let min_share = (SPLIT_ELEMENTS / mean_elements.max(1)).max(1);
     pool.spawn(move || {
         // Frees the batch's slot however this job ends.
         let _done = SlotGuard(done);
         let started = Instant::now();
-        let (n, rows, elements) = batch
+        let elements = batch
             .entries
             .into_par_iter()
+            .with_min_len(min_share)
             .map(|entry| {
                 let Job {
                     ev,
@@ -520,7 +570,7 @@ fn dispatch(
                 } = entry.payload;
                 drop(queue_span);
                 if reply.is_closed() {
-                    return (0, 0, 0);
+                    return 0;
                 }
                 let started = Instant::now();
                 let result = span.in_scope(|| {
@@ -544,19 +594,22 @@ fn dispatch(
                     (Some(v), Ok(resp)) => Some((v, resp.clone())),
                     _ => None,
                 };
+                // Counted before the caller can see its answer, so a caller that has every
+                // answer also sees every one counted.
+                let s = &shared.stats;
+                s.computed_requests.fetch_add(1, Ordering::Relaxed);
+                s.computed_rows
+                    .fetch_add(entry.rows as u64, Ordering::Relaxed);
+                s.computed_elements
+                    .fetch_add(ev.elements() as u64, Ordering::Relaxed);
                 let _ = reply.send(result);
                 // After the caller has its answer: sampling never delays it.
                 if let Some((v, resp)) = verify {
                     v.offer(&ev, &resp);
                 }
-                (1usize, entry.rows, ev.elements())
+                ev.elements()
             })
-            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
-        let s = &shared.stats;
-        s.computed_requests.fetch_add(n as u64, Ordering::Relaxed);
-        s.computed_rows.fetch_add(rows as u64, Ordering::Relaxed);
-        s.computed_elements
-            .fetch_add(elements as u64, Ordering::Relaxed);
+            .sum::<usize>();
         if elements >= RATE_SAMPLE_ELEMENTS {
             let sample = started.elapsed().as_secs_f64() * 1e9 / elements as f64;
             let old = f64::from_bits(shared.ns_per_element.load(Ordering::Relaxed));

@@ -149,6 +149,9 @@ pub struct Queue<P> {
     limits: Limits,
     waiting: VecDeque<Entry<P>>,
     bytes: usize,
+    /// No waiting request's deadline is earlier than this (it may be earlier than every one
+    /// of them once requests leave; `purge` makes it exact again).
+    earliest_deadline: Option<Instant>,
 }
 
 impl<P> Queue<P> {
@@ -158,6 +161,7 @@ impl<P> Queue<P> {
             limits,
             waiting: VecDeque::new(),
             bytes: 0,
+            earliest_deadline: None,
         }
     }
 
@@ -193,25 +197,43 @@ impl<P> Queue<P> {
             return Err((full, entry));
         }
         self.bytes += entry.bytes;
+        self.earliest_deadline = Some(
+            self.earliest_deadline
+                .map_or(entry.deadline, |d| d.min(entry.deadline)),
+        );
         self.waiting.push_back(entry);
         Ok(())
     }
 
-    /// Removes requests whose deadline passed or whose caller left (`gone`).
+    /// Whether a waiting request's deadline may have passed by `now` (so [`Queue::purge`]
+    /// has work to do even if no caller left).
+    pub fn deadline_passed(&self, now: Instant) -> bool {
+        self.earliest_deadline.is_some_and(|d| d <= now)
+    }
+
+    /// Removes requests whose deadline passed or whose caller left (`gone`), in place: the
+    /// common case, nothing to remove, allocates nothing.
     pub fn purge(&mut self, now: Instant, gone: impl Fn(&P) -> bool) -> Vec<Dropped<P>> {
         let mut dropped = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.waiting.len());
-        for e in self.waiting.drain(..) {
-            if e.deadline <= now {
-                dropped.push(Dropped::Expired(e));
-            } else if gone(&e.payload) {
-                dropped.push(Dropped::Abandoned(e));
-            } else {
-                kept.push_back(e);
+        let mut earliest: Option<Instant> = None;
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let e = &self.waiting[i];
+            let expired = e.deadline <= now;
+            if !expired && !gone(&e.payload) {
+                earliest = Some(earliest.map_or(e.deadline, |d| d.min(e.deadline)));
+                i += 1;
+                continue;
             }
+            let e = self.waiting.remove(i).expect("index from this queue");
+            self.bytes -= e.bytes;
+            dropped.push(if expired {
+                Dropped::Expired(e)
+            } else {
+                Dropped::Abandoned(e)
+            });
         }
-        self.waiting = kept;
-        self.bytes = self.waiting.iter().map(|e| e.bytes).sum();
+        self.earliest_deadline = earliest;
         dropped
     }
 
@@ -454,5 +476,8 @@ mod tests {
             Dropped::Abandoned(Entry { payload: 3, .. })
         ));
         assert_eq!((q.len(), q.bytes()), (1, 10));
+        assert!(!q.deadline_passed(t + Duration::from_millis(999)));
+        assert!(q.deadline_passed(t + Duration::from_secs(1)));
+        assert!(q.purge(t, |_| false).is_empty(), "nothing more to drop");
     }
 }

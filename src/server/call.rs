@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tracing::{Instrument, field};
 
+use super::message_size::{AnswerRoom, answer_bytes_at_least};
 use crate::batcher::Batcher;
 use crate::error::Error;
 use crate::eval::Evaluation;
@@ -50,6 +51,8 @@ pub(super) struct Call {
     pub arrived: Instant,
     /// When it must be answered by.
     pub deadline: Instant,
+    /// How large its answer may be.
+    pub room: AnswerRoom,
 }
 
 impl Call {
@@ -68,6 +71,7 @@ impl Call {
             received_bytes,
             arrived,
             deadline,
+            room,
         } = self;
         let _in_flight = InFlight::enter();
         // Counts the call as CANCELLED if the client goes away and this future is dropped.
@@ -85,8 +89,12 @@ impl Call {
             span.record("shape", field::debug(&ev.shape));
             span.record("rows", ev.layout.rows());
             metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
+            // Refused before computing when its data alone cannot be sent.
+            room.check(answer_bytes_at_least(&ev), false)?;
             let resp = batcher.submit(ev, arrived, deadline).await?;
-            respond(context, resp)
+            let answer = respond(context, resp)?;
+            room.check(answer.encoded_len(), true)?;
+            Ok(answer)
         }
         .instrument(span.clone())
         .await;
@@ -117,11 +125,15 @@ struct CallRecord {
 impl CallRecord {
     fn finish(&mut self, code: tonic::Code) {
         self.done = true;
-        let method = self.method;
-        metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
-        metrics::histogram!(m::CALL_DURATION, "method" => method)
-            .record(self.arrived.elapsed().as_secs_f64());
+        count_call(self.method, self.arrived, code);
     }
+}
+
+/// Counts a call of `method` that `arrived`, answered with `code`.
+pub(super) fn count_call(method: &'static str, arrived: Instant, code: tonic::Code) {
+    metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
+    metrics::histogram!(m::CALL_DURATION, "method" => method)
+        .record(arrived.elapsed().as_secs_f64());
 }
 
 impl Drop for CallRecord {

@@ -10,6 +10,7 @@
 mod arrival;
 mod call;
 mod deadline;
+mod message_size;
 mod oip;
 mod service;
 
@@ -17,7 +18,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -119,18 +120,23 @@ impl Server {
             batcher.clone(),
             settings.stream_concurrency,
             settings.default_timeout,
+            settings.max_message_bytes,
         ))
+        // The handlers and `MessageSizeLayer` refuse what is over the limit first, with
+        // RESOURCE_EXHAUSTED; tonic's checks stay as a backstop (the decoding one also bounds a
+        // decompressed message, and the encoding one leaves room for gzip's worst case).
         .max_decoding_message_size(settings.max_message_bytes)
-        .max_encoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
         let inference = GrpcInferenceServiceServer::new(OipService::new(
             batcher.clone(),
             settings.default_timeout,
+            settings.max_message_bytes,
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         ))
         .max_decoding_message_size(settings.max_message_bytes)
-        .max_encoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
 
@@ -147,12 +153,15 @@ impl Server {
         };
         let server = transport(&settings)
             .layer(arrival::ArrivalLayer)
+            .layer(message_size::MessageSizeLayer::new(
+                settings.max_message_bytes,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(xent)
             .add_service(inference)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            .serve_with_incoming_shutdown(incoming(listener), signal);
         let grace = settings.shutdown_grace;
         let deadline = async move {
             // Runs out only once shutdown has begun.
@@ -193,6 +202,13 @@ pub fn transport(settings: &Settings) -> tonic::transport::Server {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
+}
+
+/// The connections accepted on `listener`, with Nagle's algorithm off: tonic applies its
+/// `tcp_nodelay` only to listeners it binds itself, and with Nagle on, a small answer waits
+/// for the client's delayed ACK (about 40 ms a call at low concurrency).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

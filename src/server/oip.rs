@@ -19,6 +19,7 @@ use tonic_health::server::HealthService;
 use super::arrival::arrived;
 use super::call::{Call, rpc_span};
 use super::deadline::deadline;
+use super::message_size::AnswerRoom;
 use crate::api::oip;
 use crate::batcher::Batcher;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -39,6 +40,7 @@ pub const SERVER_NAME: &str = "xentd";
 pub struct OipService {
     batcher: Batcher,
     default_timeout: Duration,
+    max_message_bytes: usize,
     health: Arc<HealthService>,
 }
 
@@ -51,11 +53,18 @@ impl std::fmt::Debug for OipService {
 }
 
 impl OipService {
-    /// A service queueing work on `batcher` and reporting the readiness `health` reports.
-    pub fn new(batcher: Batcher, default_timeout: Duration, health: HealthService) -> OipService {
+    /// A service queueing work on `batcher`, sending answers of at most `max_message_bytes`
+    /// and reporting the readiness `health` reports.
+    pub fn new(
+        batcher: Batcher,
+        default_timeout: Duration,
+        max_message_bytes: usize,
+        health: HealthService,
+    ) -> OipService {
         OipService {
             batcher,
             default_timeout,
+            max_message_bytes,
             health: Arc::new(health),
         }
     }
@@ -136,6 +145,10 @@ impl GrpcInferenceService for OipService {
             received_bytes: req.encoded_len(),
             arrived,
             deadline,
+            room: AnswerRoom {
+                bytes: self.max_message_bytes,
+                in_stream: false,
+            },
         };
         let out = call.run(|| oip::decode(req), oip::response).await?;
         Ok(Response::new(out))
@@ -159,6 +172,7 @@ mod tests {
         let service = OipService::new(
             batcher,
             settings.default_timeout,
+            settings.max_message_bytes,
             HealthService::from_health_reporter(health.clone()),
         );
         let ready = || async {

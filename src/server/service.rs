@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::arrival::arrived;
 use super::call::{Call, rpc_span};
 use super::deadline::deadline;
+use super::message_size::AnswerRoom;
 use crate::api;
 use crate::batcher::Batcher;
 use crate::error::Error;
@@ -23,23 +24,27 @@ pub struct XentService {
     batcher: Batcher,
     stream_concurrency: usize,
     default_timeout: Duration,
+    max_message_bytes: usize,
 }
 
 impl XentService {
-    /// A service queueing work on `batcher`.
+    /// A service queueing work on `batcher`, sending answers of at most `max_message_bytes`.
     pub fn new(
         batcher: Batcher,
         stream_concurrency: usize,
         default_timeout: Duration,
+        max_message_bytes: usize,
     ) -> XentService {
         XentService {
             batcher,
             stream_concurrency,
             default_timeout,
+            max_message_bytes,
         }
     }
 
-    /// Validates one request and waits for its answer, inside its `rpc` span.
+    /// Validates one request and waits for its answer, inside its `rpc` span. The answer must
+    /// fit in `room`.
     async fn evaluate_one(
         batcher: Batcher,
         method: &'static str,
@@ -47,6 +52,7 @@ impl XentService {
         req: proto::EvaluateRequest,
         arrived: Instant,
         deadline: Instant,
+        room: AnswerRoom,
     ) -> Result<proto::EvaluateResponse, Error> {
         let call = Call {
             batcher,
@@ -55,6 +61,7 @@ impl XentService {
             received_bytes: req.encoded_len(),
             arrived,
             deadline,
+            room,
         };
         call.run(|| api::decode(req).map(|ev| (ev, ())), |(), resp| Ok(resp))
             .await
@@ -84,6 +91,10 @@ impl Xent for XentService {
             request.into_inner(),
             arrived,
             deadline,
+            AnswerRoom {
+                bytes: self.max_message_bytes,
+                in_stream: false,
+            },
         )
         .await?;
         Ok(Response::new(out))
@@ -97,6 +108,7 @@ impl Xent for XentService {
     ) -> Result<Response<Self::EvaluateStreamStream>, Status> {
         let batcher = self.batcher.clone();
         let per_request = self.default_timeout;
+        let max_message = self.max_message_bytes;
         // The stream's trace context (if any) is the parent of every request's span.
         let metadata = request.metadata().clone();
         let inbound = request.into_inner();
@@ -110,6 +122,15 @@ impl Xent for XentService {
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
                     let span = rpc_span("EvaluateStream", &id, &metadata);
+                    // Field 1 (`request_id`) takes its share of the limit.
+                    let room = AnswerRoom {
+                        bytes: max_message.saturating_sub(if id.is_empty() {
+                            0
+                        } else {
+                            prost::encoding::string::encoded_len(1, &id)
+                        }),
+                        in_stream: true,
+                    };
                     let result = match Self::evaluate_one(
                         batcher,
                         "EvaluateStream",
@@ -117,6 +138,7 @@ impl Xent for XentService {
                         req,
                         now,
                         now + per_request,
+                        room,
                     )
                     .await
                     {

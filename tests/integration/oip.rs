@@ -423,13 +423,20 @@ async fn a_full_queue_refuses_model_infer_with_a_retry_delay() {
     let server = TestServer::with_settings(s).await;
     let (xent, mut c) = (server.client().await, oip_client(&server).await);
     let gate = server.block_compute();
-    // One call computing (behind the blocked pool), one waiting, the third shed: full.
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let mut x = xent.clone();
-            tokio::spawn(async move { x.evaluate(dense_f32(true)).await })
-        })
-        .collect();
+    // One call computing (behind the blocked pool), one waiting, the third shed: full. The
+    // first takes the only compute slot alone (calls sent together may share its batch).
+    let call = || {
+        let mut x = xent.clone();
+        tokio::spawn(async move { x.evaluate(dense_f32(true)).await })
+    };
+    let mut calls = vec![call()];
+    for _ in 0..3000 {
+        if server.stats().inflight_batches.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    calls.extend((0..2).map(|_| call()));
     for _ in 0..3000 {
         if server.stats().shed_queue_requests.load(Ordering::SeqCst) == 1 {
             break;
@@ -452,4 +459,47 @@ async fn a_full_queue_refuses_model_infer_with_a_retry_delay() {
         answered.iter().filter(|r| matches!(r, Ok(Ok(_)))).count(),
         2
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_infer_over_the_message_limit_is_resource_exhausted() {
+    let s = Settings {
+        max_message_bytes: 64 << 10,
+        ..Settings::default()
+    };
+    let server = TestServer::with_settings(s).await;
+    let mut c = oip_client(&server).await;
+    let (rows, classes) = (40, 1000);
+    let dense = EvaluateRequest {
+        loss: LossKind::SoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[rows, classes], vec![0.5f32; rows * classes], true)),
+        labels: Some(encode(
+            &[rows, classes],
+            vec![0.001f32; rows * classes],
+            true,
+        )),
+        ..Default::default()
+    };
+    // 2 x 40 x 1000 x 4 bytes = 320 KB in: refused from the message's prefix.
+    let err = c
+        .model_infer(oip::infer_request(dense, true).unwrap())
+        .await
+        .expect_err("request over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    for part in [
+        "request message is",
+        "at most 65536 bytes",
+        "--max-message-bytes",
+    ] {
+        assert!(err.message().contains(part), "{part}: {}", err.message());
+    }
+    assert_eq!(
+        server.stats().computed_requests.load(Ordering::SeqCst),
+        0,
+        "nothing over the limit was computed"
+    );
+    // The layer's refusal is a call like any other: the server goes on answering.
+    c.model_infer(oip::infer_request(dense_f32(true), true).unwrap())
+        .await
+        .expect("a small call is answered");
 }
