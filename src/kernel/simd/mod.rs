@@ -21,6 +21,7 @@
 //! fast path off so every row takes the general path of [`super::rows`].
 
 pub mod exp;
+pub mod lanes;
 pub mod row;
 
 use std::sync::OnceLock;
