@@ -12,6 +12,14 @@
 //!   [`row::BLOCK`] elements; the running sum is rescaled by `exp(m_old - m_new)` when a block
 //!   raises the maximum), once for the gradient. Blocks are small enough to stay in L1 between
 //!   their max and sum sweeps.
+//! - **Each exponential is computed once** when a gradient is asked for: the statistics pass
+//!   writes `exp(x_j - m_b)` (`m_b` the running maximum after block `b`) where the gradient
+//!   goes, and the gradient pass scales it by `exp(m_b - m)`, one scalar per block (exactly 1
+//!   in the block that set the maximum, so rows of one block give the bits they would give
+//!   with the exponential computed again). The exponential is most of the arithmetic; the
+//!   gradient buffer is written anyway, and measured on rows up to 128256 classes (which stay
+//!   in L2/L3 between the passes) storing beats recomputing. Halves keep them in the `f32`
+//!   scratch block, so only for rows of one block; longer half rows compute them twice.
 //! - **Sums whose error does not grow with `C`**: `f32` lanes within a block, `f64` across
 //!   blocks.
 //! - Halves are widened one block at a time into a stack buffer (no per-row allocation).

@@ -43,6 +43,8 @@ pub struct Scratch {
     x: [f32; BLOCK],
     y: [f32; BLOCK],
     g: [f32; BLOCK],
+    /// The running maximum after each block of the row (grows once, to the longest row).
+    maxes: Vec<f32>,
 }
 
 impl Scratch {
@@ -52,6 +54,7 @@ impl Scratch {
             x: [0.0; BLOCK],
             y: [0.0; BLOCK],
             g: [0.0; BLOCK],
+            maxes: Vec::new(),
         })
     }
 }
@@ -65,6 +68,8 @@ pub trait FastElem: Copy {
     fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32];
     /// Rounds what [`FastElem::out_view`] gave into `dst` (nothing to do for `f32`).
     fn narrow_from(dst: &mut [Self], buf: &[f32; BLOCK]);
+    /// `dst` itself when it is `f32`.
+    fn as_f32_mut(dst: &mut [Self]) -> Option<&mut [f32]>;
     /// Rounds one value.
     fn from_f32(v: f32) -> Self;
     /// Widens one value.
@@ -93,6 +98,10 @@ impl FastElem for f32 {
     }
     #[inline(always)]
     fn narrow_from(_dst: &mut [f32], _buf: &[f32; BLOCK]) {}
+    #[inline(always)]
+    fn as_f32_mut(dst: &mut [f32]) -> Option<&mut [f32]> {
+        Some(dst)
+    }
     #[inline(always)]
     fn from_f32(v: f32) -> f32 {
         v
@@ -123,6 +132,10 @@ macro_rules! half_elem {
                 for (o, v) in dst.iter_mut().zip(buf.iter()) {
                     *o = <$t>::from_f32(*v);
                 }
+            }
+            #[inline(always)]
+            fn as_f32_mut(_dst: &mut [$t]) -> Option<&mut [f32]> {
+                None
             }
             #[inline(always)]
             fn from_f32(v: f32) -> $t {
@@ -202,6 +215,67 @@ fn for_vectors_out<S: Simd>(
     }
 }
 
+/// Lane-wise loop over `io` in place, beside `x` (tail padded with its pad) and `y` (tail padded
+/// with 0) when given; `f` gets the vector of `io`, of `x`, of `y` and how many lanes are real,
+/// and returns what to write back. One call site of `f`, as in [`for_vectors`].
+#[inline(always)]
+fn for_vectors_io<S: Simd>(
+    s: S,
+    io: &mut [f32],
+    x: Option<(&[f32], f32)>,
+    y: Option<&[f32]>,
+    mut f: impl FnMut(S::V, S::V, S::V, usize) -> S::V,
+) {
+    let zero = s.splat(0.0);
+    let mut i = 0;
+    while i < io.len() {
+        let n = W.min(io.len() - i);
+        let (ev, xv, yv) = if n == W {
+            let ev = s.load(io[i..i + W].try_into().unwrap());
+            let xv = match x {
+                Some((x, _)) => s.load(x[i..i + W].try_into().unwrap()),
+                None => zero,
+            };
+            let yv = match y {
+                Some(y) => s.load(y[i..i + W].try_into().unwrap()),
+                None => zero,
+            };
+            (ev, xv, yv)
+        } else {
+            let mut ep = [0.0; W];
+            ep[..n].copy_from_slice(&io[i..]);
+            let mut xp = [0.0; W];
+            if let Some((x, pad)) = x {
+                xp = [pad; W];
+                xp[..n].copy_from_slice(&x[i..]);
+            }
+            let mut yp = [0.0; W];
+            if let Some(y) = y {
+                yp[..n].copy_from_slice(&y[i..]);
+            }
+            (s.load(&ep), s.load(&xp), s.load(&yp))
+        };
+        let g = f(ev, xv, yv, n);
+        if n == W {
+            s.store(g, (&mut io[i..i + W]).try_into().unwrap());
+        } else {
+            io[i..].copy_from_slice(&s.to_array(g)[..n]);
+        }
+        i += W;
+    }
+}
+
+/// Where a row's exponentials are kept between the passes: the gradient itself when it is
+/// `f32`, else (rows of at most one block) the scratch buffer.
+#[inline(always)]
+fn exps_of<'a, T: FastElem>(g: &'a mut [T], gbuf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
+    let n = g.len();
+    match T::as_f32_mut(g) {
+        Some(g) => g,
+        None => &mut gbuf[..n],
+    }
+}
+
 /// Adds the lanes of `v` to `acc`, in `f64`.
 #[inline(always)]
 fn add_lanes<S: Simd>(s: S, acc: &mut [f64; W], v: S::V) {
@@ -233,7 +307,13 @@ fn body<S: Simd, T: FastElem>(
         x: xbuf,
         y: ybuf,
         g: gbuf,
+        maxes,
     } = scratch;
+    let mut grad = grad;
+    // Fused: pass 1 keeps each exp(x - m_b) (m_b the running max after block b) where the
+    // gradient goes, and pass 2 rescales it by exp(m_b - m) instead of computing it again.
+    let fused = grad.is_some() && (T::as_f32_mut(&mut []).is_some() || c <= BLOCK);
+    maxes.clear();
     // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, noting non-finite logits.
     let mut m = f32::NEG_INFINITY;
     let mut s64 = [0.0f64; W];
@@ -266,9 +346,20 @@ fn body<S: Simd, T: FastElem>(
         }
         let mv = s.splat(m);
         let mut acc = s.splat(0.0);
-        for_vectors(s, xs, f32::NEG_INFINITY, |v| {
-            acc = s.add(acc, exp(s, s.sub(v, mv)));
-        });
+        match grad.as_deref_mut() {
+            Some(g) if fused => {
+                maxes.push(m);
+                let out = &mut exps_of(g, gbuf)[b..e];
+                for_vectors_out(s, xs, f32::NEG_INFINITY, None, Some(out), |v, _, _| {
+                    let ex = exp(s, s.sub(v, mv));
+                    acc = s.add(acc, ex);
+                    ex
+                });
+            }
+            _ => for_vectors(s, xs, f32::NEG_INFINITY, |v| {
+                acc = s.add(acc, exp(s, s.sub(v, mv)));
+            }),
+        }
         add_lanes(s, &mut s64, acc);
         if let FastLabels::Dense { y, .. } = labels {
             let ys = T::widen(&y[b..e], ybuf);
@@ -320,6 +411,69 @@ fn body<S: Simd, T: FastElem>(
     let (keepv, addv) = (s.splat(keep32), s.splat(add32));
 
     // Pass 2: gradients and A = sum_{y' != 0} y' (x - m) (dense), or sum (x - m) (smoothed ids).
+    if fused {
+        let g = grad.unwrap();
+        let smoothed = add != 0.0;
+        let mut a64 = [0.0f64; W];
+        let exps = exps_of(&mut *g, gbuf);
+        for (bi, b) in (0..c).step_by(BLOCK).enumerate() {
+            let e = c.min(b + BLOCK);
+            // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
+            let krv = s.splat(k * exp1(maxes[bi] - m));
+            let xs = T::widen(&x[b..e], xbuf);
+            let mut acc = s.splat(0.0);
+            match labels {
+                FastLabels::Dense { y, .. } => {
+                    let ys = T::widen(&y[b..e], ybuf);
+                    // Tail lanes are not written back and add y' = 0 (zeroed below).
+                    let io = &mut exps[b..e];
+                    let xpad = Some((xs, f32::NEG_INFINITY));
+                    for_vectors_io(s, io, xpad, Some(ys), |ev, v, yv, n| {
+                        let d = s.sub(v, mv);
+                        let mut yy = s.add(s.mul(yv, keepv), addv);
+                        if n < W {
+                            let mut a = s.to_array(yy);
+                            a[n..].fill(0.0);
+                            yy = s.load(&a);
+                        }
+                        acc = s.add(acc, s.mul_nonzero(yy, d));
+                        s.mul(scv, s.sub(s.mul(ev, krv), yy))
+                    });
+                }
+                FastLabels::Sparse { .. } => {
+                    let io = &mut exps[b..e];
+                    for_vectors_io(s, io, None, None, |ev, _, _, _| {
+                        s.mul(scv, s.sub(s.mul(ev, krv), addv))
+                    });
+                    if smoothed {
+                        // Padding with m adds d = 0.
+                        for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
+                    }
+                }
+            }
+            add_lanes(s, &mut a64, acc);
+        }
+        T::narrow_from(g, gbuf);
+        let a = match *labels {
+            FastLabels::Dense { .. } => lane_sum(&a64),
+            FastLabels::Sparse { target, .. } => {
+                let dt = x_at(x, target, xbuf) - m;
+                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
+                let sum_d = if smoothed { add * lane_sum(&a64) } else { 0.0 };
+                let target_term = if keep == 0.0 {
+                    0.0
+                } else {
+                    keep * f64::from(dt)
+                };
+                target_term + sum_d
+            }
+        };
+        return FastRow {
+            loss: log_s * y_sum - a + z_loss * lse * lse,
+            nonfinite,
+            label_sum,
+        };
+    }
     let a = match labels {
         FastLabels::Dense { y, .. } => {
             let mut a64 = [0.0f64; W];
@@ -523,6 +677,42 @@ mod tests {
                         None => first = Some(bits),
                         Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
                     }
+                }
+            }
+        }
+    }
+
+    /// Rows whose maximum rises block after block (and far: later exponentials rescale the
+    /// kept ones by factors down to 0) against the formulas in `f64`.
+    #[test]
+    fn kept_exponentials_are_rescaled_per_block() {
+        for (c, step) in [(3000usize, 0.01f32), (4100, 0.03), (2500, 0.1)] {
+            let x: Vec<f32> = (0..c)
+                .map(|j| (j as f32 * step).sin() + j as f32 * step)
+                .collect();
+            let m = x
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+            let sum: f64 = x.iter().map(|&v| (f64::from(v) - m).exp()).sum();
+            let target = c / 3;
+            let lab = FastLabels::Sparse {
+                target,
+                keep: 1.0,
+                add: 0.0,
+            };
+            for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                let mut g = vec![0.0f32; c];
+                let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, Some(&mut g), 1.0);
+                let want = m + sum.ln() - f64::from(x[target]);
+                assert!(
+                    (loss.loss - want).abs() <= 3e-5 * want.abs(),
+                    "{c} {level:?}"
+                );
+                for (j, &gj) in g.iter().enumerate() {
+                    let p = (f64::from(x[j]) - m).exp() / sum;
+                    let want = p - if j == target { 1.0 } else { 0.0 };
+                    let err = (f64::from(gj) - want).abs();
+                    assert!(err <= 2e-6f64.max(3e-5 * want.abs()), "{c} {level:?} {j}");
                 }
             }
         }
