@@ -1,17 +1,29 @@
 //! The vector fast path: contiguous rows (class axis last), logits in, no class weights.
 //!
 //! Why it looks like this:
-//! - **One body, several instruction sets.** The row math ([`row`]) is written once over
-//!   fixed 16-lane `f32` arrays and compiled three times: for the build's baseline (SSE2 on
-//!   x86-64, NEON on aarch64), for AVX2 and for AVX-512F, through `#[target_feature]` wrappers
-//!   chosen at run time ([`Level`]). The release binary therefore runs on any x86-64.
+//! - **One body, several instruction sets.** The row math ([`row`]) is written once over the
+//!   16-lane operations of [`lanes::Simd`] and compiled three times: with the portable array
+//!   form (the build's baseline: SSE2 on x86-64, NEON on aarch64), and with explicit AVX2 and
+//!   AVX-512F intrinsics inside `#[target_feature]` wrappers chosen at run time ([`Level`]).
+//!   The release binary therefore runs on any x86-64. (Left to the compiler, the array form
+//!   alone ran about 42 instructions per element at every level; see BENCHMARKS.md.)
 //! - **The same bits at every level.** The body uses no fused multiply-add and sums in a fixed
 //!   lane order, so every level rounds identically: a row gives the same bits whatever level,
 //!   thread count or batch it was computed in (tested).
 //! - **Each row is read twice**: once for the statistics with an online maximum (blocks of
 //!   [`row::BLOCK`] elements; the running sum is rescaled by `exp(m_old - m_new)` when a block
-//!   raises the maximum), once for the gradient. Blocks are small enough to stay in L1 between
-//!   their max and sum sweeps.
+//!   raises the maximum), once for the gradient (which reads the stored exponentials below, and
+//!   the logits only where the loss needs `x - m`: dense labels, smoothed class ids). Blocks
+//!   are small enough to stay in L1 between their max and sum sweeps. Non-finite logits show
+//!   as a non-finite lane sum in the max sweep; only such rows are counted exactly.
+//! - **Each exponential is computed once** when a gradient is asked for: the statistics pass
+//!   writes `exp(x_j - m_b)` (`m_b` the running maximum after block `b`) where the gradient
+//!   goes, and the gradient pass scales it by `exp(m_b - m)`, one scalar per block (exactly 1
+//!   in the block that set the maximum, so rows of one block give the bits they would give
+//!   with the exponential computed again). The exponential is most of the arithmetic; the
+//!   gradient buffer is written anyway, and measured on rows up to 128256 classes (which stay
+//!   in L2/L3 between the passes) storing beats recomputing. Halves keep them in the `f32`
+//!   scratch block, so only for rows of one block; longer half rows compute them twice.
 //! - **Sums whose error does not grow with `C`**: `f32` lanes within a block, `f64` across
 //!   blocks.
 //! - Halves are widened one block at a time into a stack buffer (no per-row allocation).
@@ -21,6 +33,7 @@
 //! fast path off so every row takes the general path of [`super::rows`].
 
 pub mod exp;
+pub mod lanes;
 pub mod row;
 
 use std::sync::OnceLock;

@@ -7,7 +7,10 @@
 use half::{bf16, f16};
 
 use super::Level;
-use super::exp::{V, W, exp_v, exp1};
+use super::exp::{W, exp, exp1};
+#[cfg(target_arch = "x86_64")]
+use super::lanes::{Avx2, Avx512};
+use super::lanes::{Portable, Simd};
 
 /// Elements per block: 4 KiB of `f32`, read twice from L1 in the statistics pass.
 pub const BLOCK: usize = 1024;
@@ -40,6 +43,8 @@ pub struct Scratch {
     x: [f32; BLOCK],
     y: [f32; BLOCK],
     g: [f32; BLOCK],
+    /// The running maximum after each block of the row (grows once, to the longest row).
+    maxes: Vec<f32>,
 }
 
 impl Scratch {
@@ -49,6 +54,7 @@ impl Scratch {
             x: [0.0; BLOCK],
             y: [0.0; BLOCK],
             g: [0.0; BLOCK],
+            maxes: Vec::new(),
         })
     }
 }
@@ -57,8 +63,13 @@ impl Scratch {
 pub trait FastElem: Copy {
     /// The block `src` as `f32`, widened into `buf` unless it already is `f32`.
     fn widen<'a>(src: &'a [Self], buf: &'a mut [f32; BLOCK]) -> &'a [f32];
-    /// Runs `f` on an `f32` view of `dst` (a stack buffer rounded into `dst` after, for halves).
-    fn narrow(dst: &mut [Self], buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32]));
+    /// An `f32` view of `dst` to write the block's results into: `dst` itself, or for halves
+    /// `buf`, which [`FastElem::narrow_from`] then rounds into `dst`.
+    fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32];
+    /// Rounds what [`FastElem::out_view`] gave into `dst` (nothing to do for `f32`).
+    fn narrow_from(dst: &mut [Self], buf: &[f32; BLOCK]);
+    /// `dst` itself when it is `f32`.
+    fn as_f32_mut(dst: &mut [Self]) -> Option<&mut [f32]>;
     /// Rounds one value.
     fn from_f32(v: f32) -> Self;
     /// Widens one value.
@@ -82,8 +93,14 @@ impl FastElem for f32 {
         src
     }
     #[inline(always)]
-    fn narrow(dst: &mut [f32], _buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32])) {
-        f(dst)
+    fn out_view<'a>(dst: &'a mut [f32], _buf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
+        dst
+    }
+    #[inline(always)]
+    fn narrow_from(_dst: &mut [f32], _buf: &[f32; BLOCK]) {}
+    #[inline(always)]
+    fn as_f32_mut(dst: &mut [f32]) -> Option<&mut [f32]> {
+        Some(dst)
     }
     #[inline(always)]
     fn from_f32(v: f32) -> f32 {
@@ -107,12 +124,18 @@ macro_rules! half_elem {
                 out
             }
             #[inline(always)]
-            fn narrow(dst: &mut [$t], buf: &mut [f32; BLOCK], f: impl FnOnce(&mut [f32])) {
-                let tmp = &mut buf[..dst.len()];
-                f(tmp);
-                for (o, v) in dst.iter_mut().zip(tmp.iter()) {
+            fn out_view<'a>(dst: &'a mut [$t], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
+                &mut buf[..dst.len()]
+            }
+            #[inline(always)]
+            fn narrow_from(dst: &mut [$t], buf: &[f32; BLOCK]) {
+                for (o, v) in dst.iter_mut().zip(buf.iter()) {
                     *o = <$t>::from_f32(*v);
                 }
+            }
+            #[inline(always)]
+            fn as_f32_mut(_dst: &mut [$t]) -> Option<&mut [f32]> {
+                None
             }
             #[inline(always)]
             fn from_f32(v: f32) -> $t {
@@ -128,18 +151,137 @@ macro_rules! half_elem {
 half_elem!(f16);
 half_elem!(bf16);
 
-/// Lane-wise loop over `x` in vectors of [`W`], the tail padded with `pad`.
+/// Lane-wise loop over `x` in vectors of [`W`]: full vectors straight from the slice, the tail
+/// (if any) padded with `pad`. `f` has one call site, so it is inlined (its vector operations
+/// compile for the caller's instruction set only when they are).
 #[inline(always)]
-fn for_vectors(x: &[f32], pad: f32, mut f: impl FnMut(&V)) {
-    let mut chunks = x.chunks_exact(W);
-    for c in &mut chunks {
-        f(c.try_into().unwrap());
+fn for_vectors<S: Simd>(s: S, x: &[f32], pad: f32, mut f: impl FnMut(S::V)) {
+    let full = x.len() / W * W;
+    let mut tail = [pad; W];
+    tail[..x.len() - full].copy_from_slice(&x[full..]);
+    let mut i = 0;
+    while i < x.len() {
+        let v = if i < full {
+            s.load(x[i..i + W].try_into().unwrap())
+        } else {
+            s.load(&tail)
+        };
+        f(v);
+        i += W;
     }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut v = [pad; W];
-        v[..rest.len()].copy_from_slice(rest);
-        f(&v);
+}
+
+/// Lane-wise loop over `x` (tail padded with `px`) and `y` (tail padded with 0) together,
+/// writing what `f` returns into `out` when given; `f` is told how many lanes are real. One
+/// call site of `f`, as in [`for_vectors`].
+#[inline(always)]
+fn for_vectors_out<S: Simd>(
+    s: S,
+    x: &[f32],
+    px: f32,
+    y: Option<&[f32]>,
+    mut out: Option<&mut [f32]>,
+    mut f: impl FnMut(S::V, S::V, usize) -> S::V,
+) {
+    let zero = s.splat(0.0);
+    let mut i = 0;
+    while i < x.len() {
+        let n = W.min(x.len() - i);
+        let (xv, yv) = if n == W {
+            let xv = s.load(x[i..i + W].try_into().unwrap());
+            let yv = match y {
+                Some(y) => s.load(y[i..i + W].try_into().unwrap()),
+                None => zero,
+            };
+            (xv, yv)
+        } else {
+            let mut xp = [px; W];
+            xp[..n].copy_from_slice(&x[i..]);
+            let mut yp = [0.0; W];
+            if let Some(y) = y {
+                yp[..n].copy_from_slice(&y[i..]);
+            }
+            (s.load(&xp), s.load(&yp))
+        };
+        let g = f(xv, yv, n);
+        if let Some(o) = out.as_deref_mut() {
+            if n == W {
+                s.store(g, (&mut o[i..i + W]).try_into().unwrap());
+            } else {
+                o[i..].copy_from_slice(&s.to_array(g)[..n]);
+            }
+        }
+        i += W;
+    }
+}
+
+/// Lane-wise loop over `io` in place, beside `x` (tail padded with its pad) and `y` (tail padded
+/// with 0) when given; `f` gets the vector of `io`, of `x`, of `y` and how many lanes are real,
+/// and returns what to write back. One call site of `f`, as in [`for_vectors`].
+#[inline(always)]
+fn for_vectors_io<S: Simd>(
+    s: S,
+    io: &mut [f32],
+    x: Option<(&[f32], f32)>,
+    y: Option<&[f32]>,
+    mut f: impl FnMut(S::V, S::V, S::V, usize) -> S::V,
+) {
+    let zero = s.splat(0.0);
+    let mut i = 0;
+    while i < io.len() {
+        let n = W.min(io.len() - i);
+        let (ev, xv, yv) = if n == W {
+            let ev = s.load(io[i..i + W].try_into().unwrap());
+            let xv = match x {
+                Some((x, _)) => s.load(x[i..i + W].try_into().unwrap()),
+                None => zero,
+            };
+            let yv = match y {
+                Some(y) => s.load(y[i..i + W].try_into().unwrap()),
+                None => zero,
+            };
+            (ev, xv, yv)
+        } else {
+            let mut ep = [0.0; W];
+            ep[..n].copy_from_slice(&io[i..]);
+            let mut xp = [0.0; W];
+            if let Some((x, pad)) = x {
+                xp = [pad; W];
+                xp[..n].copy_from_slice(&x[i..]);
+            }
+            let mut yp = [0.0; W];
+            if let Some(y) = y {
+                yp[..n].copy_from_slice(&y[i..]);
+            }
+            (s.load(&ep), s.load(&xp), s.load(&yp))
+        };
+        let g = f(ev, xv, yv, n);
+        if n == W {
+            s.store(g, (&mut io[i..i + W]).try_into().unwrap());
+        } else {
+            io[i..].copy_from_slice(&s.to_array(g)[..n]);
+        }
+        i += W;
+    }
+}
+
+/// Where a row's exponentials are kept between the passes: the gradient itself when it is
+/// `f32`, else (rows of at most one block) the scratch buffer.
+#[inline(always)]
+fn exps_of<'a, T: FastElem>(g: &'a mut [T], gbuf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
+    let n = g.len();
+    match T::as_f32_mut(g) {
+        Some(g) => g,
+        None => &mut gbuf[..n],
+    }
+}
+
+/// Adds the lanes of `v` to `acc`, in `f64`.
+#[inline(always)]
+fn add_lanes<S: Simd>(s: S, acc: &mut [f64; W], v: S::V) {
+    let a = s.to_array(v);
+    for l in 0..W {
+        acc[l] += f64::from(a[l]);
     }
 }
 
@@ -151,7 +293,8 @@ fn lane_sum(v: &[f64; W]) -> f64 {
 
 /// The unweighted loss of one row, writing `scale * d loss / d x` into `grad` when given.
 #[inline(always)]
-fn body<T: FastElem>(
+fn body<S: Simd, T: FastElem>(
+    s: S,
     scratch: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
@@ -164,36 +307,36 @@ fn body<T: FastElem>(
         x: xbuf,
         y: ybuf,
         g: gbuf,
+        maxes,
     } = scratch;
+    let mut grad = grad;
+    // Fused: pass 1 keeps each exp(x - m_b) (m_b the running max after block b) where the
+    // gradient goes, and pass 2 rescales it by exp(m_b - m) instead of computing it again.
+    let fused = grad.is_some() && (T::as_f32_mut(&mut []).is_some() || c <= BLOCK);
+    maxes.clear();
     // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, noting non-finite logits.
     let mut m = f32::NEG_INFINITY;
     let mut s64 = [0.0f64; W];
     let mut y64 = [0.0f64; W];
-    let mut bad = 0u32;
+    let mut bad = false;
     for b in (0..c).step_by(BLOCK) {
         let e = c.min(b + BLOCK);
         let xs = T::widen(&x[b..e], xbuf);
-        let mut mx = [f32::NEG_INFINITY; W];
-        let mut mn = [f32::INFINITY; W];
-        let mut nan = [0u32; W];
-        // Padded with one of the block's own values: neutral for the max, the min and the
-        // NaN check. An infinity shows in the max or the min, a NaN (which neither keeps)
-        // in `nan`.
-        for_vectors(xs, xs[0], |v| {
-            for l in 0..W {
-                mx[l] = if v[l] > mx[l] { v[l] } else { mx[l] };
-                mn[l] = if v[l] < mn[l] { v[l] } else { mn[l] };
-                nan[l] |= u32::from(v[l].is_nan());
-            }
+        let mut mx = s.splat(f32::NEG_INFINITY);
+        // A lane sum of the logits: not finite when the block holds a NaN or an infinity (or,
+        // harmlessly, when finite logits near f32::MAX overflow it; the exact count below
+        // then finds nothing).
+        let mut chk = s.splat(0.0);
+        // Padded with one of the block's own values: neutral for the max and the check.
+        for_vectors(s, xs, xs[0], |v| {
+            mx = s.max(v, mx);
+            chk = s.add(chk, v);
         });
-        let bmax = mx
+        let bmax = s
+            .to_array(mx)
             .iter()
             .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-        let bmin = mn
-            .iter()
-            .fold(f32::INFINITY, |a, &v| if v < a { v } else { a });
-        bad |= nan.iter().fold(0, |a, &p| a | p)
-            | u32::from(bmax == f32::INFINITY || bmin == f32::NEG_INFINITY);
+        bad |= !s.to_array(chk).iter().all(|v| v.is_finite());
         if bmax > m {
             let f = (f64::from(m) - f64::from(bmax)).exp();
             for s in s64.iter_mut() {
@@ -201,31 +344,28 @@ fn body<T: FastElem>(
             }
             m = bmax;
         }
-        let mut acc = [0.0f32; W];
-        for_vectors(xs, f32::NEG_INFINITY, |v| {
-            let mut d = [0.0f32; W];
-            for l in 0..W {
-                d[l] = v[l] - m;
+        let mv = s.splat(m);
+        let mut acc = s.splat(0.0);
+        match grad.as_deref_mut() {
+            Some(g) if fused => {
+                maxes.push(m);
+                let out = &mut exps_of(g, gbuf)[b..e];
+                for_vectors_out(s, xs, f32::NEG_INFINITY, None, Some(out), |v, _, _| {
+                    let ex = exp(s, s.sub(v, mv));
+                    acc = s.add(acc, ex);
+                    ex
+                });
             }
-            let ex = exp_v(&d);
-            for l in 0..W {
-                acc[l] += ex[l];
-            }
-        });
-        for l in 0..W {
-            s64[l] += f64::from(acc[l]);
+            _ => for_vectors(s, xs, f32::NEG_INFINITY, |v| {
+                acc = s.add(acc, exp(s, s.sub(v, mv)));
+            }),
         }
+        add_lanes(s, &mut s64, acc);
         if let FastLabels::Dense { y, .. } = labels {
             let ys = T::widen(&y[b..e], ybuf);
-            let mut acc = [0.0f32; W];
-            for_vectors(ys, 0.0, |v| {
-                for l in 0..W {
-                    acc[l] += v[l];
-                }
-            });
-            for l in 0..W {
-                y64[l] += f64::from(acc[l]);
-            }
+            let mut acc = s.splat(0.0);
+            for_vectors(s, ys, 0.0, |v| acc = s.add(acc, v));
+            add_lanes(s, &mut y64, acc);
         }
     }
     let label_sum = match labels {
@@ -236,7 +376,7 @@ fn body<T: FastElem>(
     // are all -inf (masked classes, spec Deviation 4).
     let mut nonfinite = 0u32;
     let mut poisoned = false;
-    if bad != 0 {
+    if bad {
         for v in x {
             let v = v.to_f32();
             nonfinite += u32::from(!v.is_finite());
@@ -253,8 +393,8 @@ fn body<T: FastElem>(
             label_sum,
         };
     }
-    let s = lane_sum(&s64);
-    let log_s = s.ln();
+    let sum = lane_sum(&s64);
+    let log_s = sum.ln();
     let lse = f64::from(m) + log_s;
     let (keep, add) = match *labels {
         FastLabels::Dense { keep, add, .. } | FastLabels::Sparse { keep, add, .. } => (keep, add),
@@ -264,11 +404,76 @@ fn body<T: FastElem>(
         FastLabels::Sparse { .. } => keep + add * c as f64,
     };
     // Gradient factor: softmax_j * k - y'_j = e_j * (k / S) - y'_j.
-    let k = ((y_sum + 2.0 * z_loss * lse) / s) as f32;
+    let k = ((y_sum + 2.0 * z_loss * lse) / sum) as f32;
     let sc = scale as f32;
     let (keep32, add32) = (keep as f32, add as f32);
+    let (mv, kv, scv) = (s.splat(m), s.splat(k), s.splat(sc));
+    let (keepv, addv) = (s.splat(keep32), s.splat(add32));
 
     // Pass 2: gradients and A = sum_{y' != 0} y' (x - m) (dense), or sum (x - m) (smoothed ids).
+    if fused {
+        let g = grad.unwrap();
+        let smoothed = add != 0.0;
+        let mut a64 = [0.0f64; W];
+        let exps = exps_of(&mut *g, gbuf);
+        for (bi, b) in (0..c).step_by(BLOCK).enumerate() {
+            let e = c.min(b + BLOCK);
+            // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
+            let krv = s.splat(k * exp1(maxes[bi] - m));
+            let xs = T::widen(&x[b..e], xbuf);
+            let mut acc = s.splat(0.0);
+            match labels {
+                FastLabels::Dense { y, .. } => {
+                    let ys = T::widen(&y[b..e], ybuf);
+                    // Tail lanes are not written back and add y' = 0 (zeroed below).
+                    let io = &mut exps[b..e];
+                    let xpad = Some((xs, f32::NEG_INFINITY));
+                    for_vectors_io(s, io, xpad, Some(ys), |ev, v, yv, n| {
+                        let d = s.sub(v, mv);
+                        let mut yy = s.add(s.mul(yv, keepv), addv);
+                        if n < W {
+                            let mut a = s.to_array(yy);
+                            a[n..].fill(0.0);
+                            yy = s.load(&a);
+                        }
+                        acc = s.add(acc, s.mul_nonzero(yy, d));
+                        s.mul(scv, s.sub(s.mul(ev, krv), yy))
+                    });
+                }
+                FastLabels::Sparse { .. } => {
+                    let io = &mut exps[b..e];
+                    for_vectors_io(s, io, None, None, |ev, _, _, _| {
+                        s.mul(scv, s.sub(s.mul(ev, krv), addv))
+                    });
+                    if smoothed {
+                        // Padding with m adds d = 0.
+                        for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
+                    }
+                }
+            }
+            add_lanes(s, &mut a64, acc);
+        }
+        T::narrow_from(g, gbuf);
+        let a = match *labels {
+            FastLabels::Dense { .. } => lane_sum(&a64),
+            FastLabels::Sparse { target, .. } => {
+                let dt = x_at(x, target, xbuf) - m;
+                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
+                let sum_d = if smoothed { add * lane_sum(&a64) } else { 0.0 };
+                let target_term = if keep == 0.0 {
+                    0.0
+                } else {
+                    keep * f64::from(dt)
+                };
+                target_term + sum_d
+            }
+        };
+        return FastRow {
+            loss: log_s * y_sum - a + z_loss * lse * lse,
+            nonfinite,
+            label_sum,
+        };
+    }
     let a = match labels {
         FastLabels::Dense { y, .. } => {
             let mut a64 = [0.0f64; W];
@@ -277,41 +482,25 @@ fn body<T: FastElem>(
                 let e = c.min(b + BLOCK);
                 let xs = T::widen(&x[b..e], xbuf);
                 let ys = T::widen(&y[b..e], ybuf);
-                let mut acc = [0.0f32; W];
-                let mut block = |out: Option<&mut [f32]>| {
-                    let mut out = out.map(|o| o.chunks_mut(W));
-                    let mut yv = ys.chunks(W);
-                    for_vectors(xs, f32::NEG_INFINITY, |v| {
-                        let yc = yv.next().unwrap();
-                        let mut yy = [0.0f32; W];
-                        yy[..yc.len()].copy_from_slice(yc);
-                        let mut d = [0.0f32; W];
-                        for l in 0..W {
-                            d[l] = v[l] - m;
-                            yy[l] = yy[l] * keep32 + add32;
-                        }
-                        // Padding lanes carry no label (and x = -inf).
-                        yy[yc.len()..].fill(0.0);
-                        let ex = exp_v(&d);
-                        let mut g = [0.0f32; W];
-                        for l in 0..W {
-                            g[l] = sc * (ex[l] * k - yy[l]);
-                            acc[l] += if yy[l] != 0.0 { yy[l] * d[l] } else { 0.0 };
-                        }
-                        if let Some(o) = out.as_mut().and_then(Iterator::next) {
-                            let n = o.len();
-                            o.copy_from_slice(&g[..n]);
-                        }
-                    });
-                };
-                match grad.as_deref_mut() {
-                    Some(g) => T::narrow(&mut g[b..e], gbuf, |o| block(Some(o))),
-                    None => block(None),
+                let mut acc = s.splat(0.0);
+                let out = grad.as_deref_mut().map(|g| T::out_view(&mut g[b..e], gbuf));
+                // Tail lanes: x = -inf and y' = 0, so they add nothing.
+                for_vectors_out(s, xs, f32::NEG_INFINITY, Some(ys), out, |v, yv, n| {
+                    let d = s.sub(v, mv);
+                    let mut yy = s.add(s.mul(yv, keepv), addv);
+                    if n < W {
+                        let mut a = s.to_array(yy);
+                        a[n..].fill(0.0);
+                        yy = s.load(&a);
+                    }
+                    let ex = exp(s, d);
+                    acc = s.add(acc, s.mul_nonzero(yy, d));
+                    s.mul(scv, s.sub(s.mul(ex, kv), yy))
+                });
+                if let Some(g) = grad.as_deref_mut() {
+                    T::narrow_from(&mut g[b..e], gbuf);
                 }
-                // Tail lanes were padded with y = 0 and x = -inf: they added nothing.
-                for l in 0..W {
-                    a64[l] += f64::from(acc[l]);
-                }
+                add_lanes(s, &mut a64, acc);
             }
             lane_sum(&a64)
         }
@@ -323,28 +512,16 @@ fn body<T: FastElem>(
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
                     let xs = T::widen(&x[b..e], xbuf);
-                    let mut acc = [0.0f32; W];
-                    T::narrow(&mut g[b..e], gbuf, |o| {
-                        let mut out = o.chunks_mut(W);
-                        for_vectors(xs, m, |v| {
-                            let mut d = [0.0f32; W];
-                            for l in 0..W {
-                                d[l] = v[l] - m;
-                            }
-                            let ex = exp_v(&d);
-                            let mut gv = [0.0f32; W];
-                            for l in 0..W {
-                                gv[l] = sc * (ex[l] * k - add32);
-                                acc[l] += d[l];
-                            }
-                            let o = out.next().unwrap();
-                            let n = o.len();
-                            o.copy_from_slice(&gv[..n]);
-                        });
+                    let mut acc = s.splat(0.0);
+                    let out = T::out_view(&mut g[b..e], gbuf);
+                    // Tail lanes: x = m, so d = 0 adds nothing.
+                    for_vectors_out(s, xs, m, None, Some(out), |v, _, _| {
+                        let d = s.sub(v, mv);
+                        acc = s.add(acc, d);
+                        s.mul(scv, s.sub(s.mul(exp(s, d), kv), addv))
                     });
-                    for l in 0..W {
-                        d64[l] += f64::from(acc[l]);
-                    }
+                    T::narrow_from(&mut g[b..e], gbuf);
+                    add_lanes(s, &mut d64, acc);
                 }
                 let dt = x_at(x, target, xbuf) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
@@ -352,16 +529,10 @@ fn body<T: FastElem>(
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
                     let xs = T::widen(&x[b..e], xbuf);
-                    let mut acc = [0.0f32; W];
+                    let mut acc = s.splat(0.0);
                     // Padding with m adds d = 0.
-                    for_vectors(xs, m, |v| {
-                        for l in 0..W {
-                            acc[l] += v[l] - m;
-                        }
-                    });
-                    for l in 0..W {
-                        d64[l] += f64::from(acc[l]);
-                    }
+                    for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
+                    add_lanes(s, &mut d64, acc);
                 }
             }
             let dt = f64::from(x_at(x, target, xbuf) - m);
@@ -388,39 +559,41 @@ fn x_at<T: FastElem>(x: &[T], j: usize, buf: &mut [f32; BLOCK]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn body_avx512<T: FastElem>(
-    s: &mut Scratch,
+    s: Avx512,
+    sc: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
 ) -> FastRow {
-    body(s, x, labels, z, grad, scale)
+    body(s, sc, x, labels, z, grad, scale)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn body_avx2<T: FastElem>(
-    s: &mut Scratch,
+    s: Avx2,
+    sc: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
 ) -> FastRow {
-    body(s, x, labels, z, grad, scale)
+    body(s, sc, x, labels, z, grad, scale)
 }
 
 #[inline(never)]
 fn body_portable<T: FastElem>(
-    s: &mut Scratch,
+    sc: &mut Scratch,
     x: &[T],
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
 ) -> FastRow {
-    body(s, x, labels, z, grad, scale)
+    body(Portable, sc, x, labels, z, grad, scale)
 }
 
 /// The unweighted loss of one contiguous row of logits, writing `scale * d loss / d x` into
@@ -436,15 +609,23 @@ pub fn fast_row<T: FastElem>(
     scale: f64,
 ) -> FastRow {
     let level = level.min(Level::detected());
+    #[cfg(target_arch = "x86_64")]
     match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `level` was capped at what `is_x86_feature_detected!` found.
-        Level::Avx512 => unsafe { body_avx512(scratch, x, labels, z_loss, grad, scale) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2 => unsafe { body_avx2(scratch, x, labels, z_loss, grad, scale) },
-        _ => body_portable(scratch, x, labels, z_loss, grad, scale),
+        Level::Avx512 => {
+            if let Some(s) = Avx512::new() {
+                // SAFETY: the token proves the CPU has AVX-512F.
+                return unsafe { body_avx512(s, scratch, x, labels, z_loss, grad, scale) };
+            }
+        }
+        Level::Avx2 => {
+            if let Some(s) = Avx2::new() {
+                // SAFETY: the token proves the CPU has AVX2.
+                return unsafe { body_avx2(s, scratch, x, labels, z_loss, grad, scale) };
+            }
+        }
+        _ => {}
     }
+    body_portable(scratch, x, labels, z_loss, grad, scale)
 }
 
 #[cfg(test)]
@@ -496,6 +677,42 @@ mod tests {
                         None => first = Some(bits),
                         Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
                     }
+                }
+            }
+        }
+    }
+
+    /// Rows whose maximum rises block after block (and far: later exponentials rescale the
+    /// kept ones by factors down to 0) against the formulas in `f64`.
+    #[test]
+    fn kept_exponentials_are_rescaled_per_block() {
+        for (c, step) in [(3000usize, 0.01f32), (4100, 0.03), (2500, 0.1)] {
+            let x: Vec<f32> = (0..c)
+                .map(|j| (j as f32 * step).sin() + j as f32 * step)
+                .collect();
+            let m = x
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+            let sum: f64 = x.iter().map(|&v| (f64::from(v) - m).exp()).sum();
+            let target = c / 3;
+            let lab = FastLabels::Sparse {
+                target,
+                keep: 1.0,
+                add: 0.0,
+            };
+            for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                let mut g = vec![0.0f32; c];
+                let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, Some(&mut g), 1.0);
+                let want = m + sum.ln() - f64::from(x[target]);
+                assert!(
+                    (loss.loss - want).abs() <= 3e-5 * want.abs(),
+                    "{c} {level:?}"
+                );
+                for (j, &gj) in g.iter().enumerate() {
+                    let p = (f64::from(x[j]) - m).exp() / sum;
+                    let want = p - if j == target { 1.0 } else { 0.0 };
+                    let err = (f64::from(gj) - want).abs();
+                    assert!(err <= 2e-6f64.max(3e-5 * want.abs()), "{c} {level:?} {j}");
                 }
             }
         }
