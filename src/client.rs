@@ -755,13 +755,13 @@ fn output<T: FloatElement>(
     let want = <T as WireElement>::DTYPE;
     let shaped = T::take(any)
         .ok_or_else(|| ClientError::Response(format!("{name} has dtype {got}, expected {want}")))?;
-    if let Some(expected) = shape {
-        if shaped.shape != expected {
-            return Err(ClientError::Response(format!(
-                "{name} has shape {:?}, expected {expected:?}",
-                shaped.shape
-            )));
-        }
+    if let Some(expected) = shape
+        && shaped.shape != expected
+    {
+        return Err(ClientError::Response(format!(
+            "{name} has shape {:?}, expected {expected:?}",
+            shaped.shape
+        )));
     }
     let array = ArrayD::from_shape_vec(IxDyn(&shaped.shape), shaped.data.slice().into_owned())
         .map_err(|e| ClientError::Response(format!("{name}: {e}")))?;

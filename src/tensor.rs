@@ -40,7 +40,7 @@ impl<T: Pod> Buf<T> {
     /// Takes little-endian elements as received; nothing is copied on a little-endian host.
     pub fn from_le_bytes(bytes: Bytes) -> Result<Self, RaggedBytes> {
         let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(RaggedBytes {
                 len: bytes.len(),
                 elem_size: size,

@@ -127,9 +127,8 @@ impl Simd for Portable {
 #[cfg(target_arch = "x86_64")]
 pub use x86::{Avx2, Avx512};
 
-// The AVX-512 intrinsics are stable from Rust 1.89; the crate's `rust-version` must say so.
+// The AVX-512 intrinsics are stable from Rust 1.89, the crate's `rust-version`.
 #[cfg(target_arch = "x86_64")]
-#[clippy::msrv = "1.89"]
 mod x86 {
     use core::arch::x86_64::*;
 
