@@ -130,8 +130,10 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
         sample_weights: ev.sample_weights.as_deref(),
         upstream,
     };
-    let mut grad_logits = ev.wanted.grad_logits.then(|| vec![T::zeroed(); n]);
-    let mut grad_labels = ev.wanted.grad_labels.then(|| vec![T::zeroed(); n]);
+    // `zeroed_vec` allocates zeroed memory (fresh pages need no memset), which `vec![x; n]` of
+    // a generic `x` does not.
+    let mut grad_logits = ev.wanted.grad_logits.then(|| bytemuck::zeroed_vec::<T>(n));
+    let mut grad_labels = ev.wanted.grad_labels.then(|| bytemuck::zeroed_vec::<T>(n));
     let grads = Grads {
         logits: grad_logits
             .as_deref_mut()

@@ -100,7 +100,7 @@ impl<T: Pod> Buf<T> {
 /// Little-endian bytes (a whole number of elements) into an aligned `Vec`.
 fn copy_le<T: Pod>(bytes: &[u8]) -> Vec<T> {
     let size = std::mem::size_of::<T>();
-    let mut out: Vec<T> = vec![T::zeroed(); bytes.len() / size];
+    let mut out: Vec<T> = bytemuck::zeroed_vec(bytes.len() / size);
     let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
     dst.copy_from_slice(bytes);
     if cfg!(target_endian = "big") {
