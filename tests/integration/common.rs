@@ -159,11 +159,19 @@ impl Drop for TestServer {
 }
 
 /// Starts the real `xentd` binary on an ephemeral port with `args`, and returns it with its
-/// endpoint (`http://ADDR`, read from its `listening on ADDR` stdout line).
+/// endpoint (`http://ADDR`, read from its `listening on ADDR` stdout line). Its metrics
+/// listener is off unless `args` set one: the default port may be taken by another test or by
+/// a xentd the developer is running.
 pub fn spawn_xentd(args: &[&str], stderr: std::process::Stdio) -> (std::process::Child, String) {
     use std::io::BufRead as _;
+    let metrics_off: &[&str] = if args.contains(&"--metrics-listen") {
+        &[]
+    } else {
+        &["--metrics-listen", "off"]
+    };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xentd"))
         .args(["--listen", "127.0.0.1:0"])
+        .args(metrics_off)
         .args(args)
         // Logs at xentd's default level (info), whatever RUST_LOG the tests run under.
         .env_remove("RUST_LOG")

@@ -175,8 +175,9 @@ def xentd(tmp_path_factory) -> Server:
         )
     stderr_path = tmp_path_factory.mktemp("xentd") / "stderr.log"
     with open(stderr_path, "wb") as stderr_file:
+        # No metrics listener: its default port may be taken by a xentd the developer runs.
         process = subprocess.Popen(
-            [str(binary), "--listen", "127.0.0.1:0"],
+            [str(binary), "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr_file,
