@@ -171,6 +171,29 @@ fn for_vectors<S: Simd>(s: S, x: &[f32], pad: f32, mut f: impl FnMut(S::V)) {
     }
 }
 
+/// The vector of `v` at `i`, of which `n` lanes are real: straight from the slice when all
+/// are, else the rest padded with `pad`.
+#[inline(always)]
+fn load_at<S: Simd>(s: S, v: &[f32], i: usize, n: usize, pad: f32) -> S::V {
+    if n == W {
+        s.load(v[i..i + W].try_into().unwrap())
+    } else {
+        let mut p = [pad; W];
+        p[..n].copy_from_slice(&v[i..]);
+        s.load(&p)
+    }
+}
+
+/// Writes the `n` real lanes of `g` into `out` at `i`.
+#[inline(always)]
+fn store_at<S: Simd>(s: S, g: S::V, out: &mut [f32], i: usize, n: usize) {
+    if n == W {
+        s.store(g, (&mut out[i..i + W]).try_into().unwrap());
+    } else {
+        out[i..].copy_from_slice(&s.to_array(g)[..n]);
+    }
+}
+
 /// Lane-wise loop over `x` (tail padded with `px`) and `y` (tail padded with 0) together,
 /// writing what `f` returns into `out` when given; `f` is told how many lanes are real. One
 /// call site of `f`, as in [`for_vectors`].
@@ -187,29 +210,11 @@ fn for_vectors_out<S: Simd>(
     let mut i = 0;
     while i < x.len() {
         let n = W.min(x.len() - i);
-        let (xv, yv) = if n == W {
-            let xv = s.load(x[i..i + W].try_into().unwrap());
-            let yv = match y {
-                Some(y) => s.load(y[i..i + W].try_into().unwrap()),
-                None => zero,
-            };
-            (xv, yv)
-        } else {
-            let mut xp = [px; W];
-            xp[..n].copy_from_slice(&x[i..]);
-            let mut yp = [0.0; W];
-            if let Some(y) = y {
-                yp[..n].copy_from_slice(&y[i..]);
-            }
-            (s.load(&xp), s.load(&yp))
-        };
+        let xv = load_at(s, x, i, n, px);
+        let yv = y.map_or(zero, |y| load_at(s, y, i, n, 0.0));
         let g = f(xv, yv, n);
         if let Some(o) = out.as_deref_mut() {
-            if n == W {
-                s.store(g, (&mut o[i..i + W]).try_into().unwrap());
-            } else {
-                o[i..].copy_from_slice(&s.to_array(g)[..n]);
-            }
+            store_at(s, g, o, i, n);
         }
         i += W;
     }
@@ -230,37 +235,11 @@ fn for_vectors_io<S: Simd>(
     let mut i = 0;
     while i < io.len() {
         let n = W.min(io.len() - i);
-        let (ev, xv, yv) = if n == W {
-            let ev = s.load(io[i..i + W].try_into().unwrap());
-            let xv = match x {
-                Some((x, _)) => s.load(x[i..i + W].try_into().unwrap()),
-                None => zero,
-            };
-            let yv = match y {
-                Some(y) => s.load(y[i..i + W].try_into().unwrap()),
-                None => zero,
-            };
-            (ev, xv, yv)
-        } else {
-            let mut ep = [0.0; W];
-            ep[..n].copy_from_slice(&io[i..]);
-            let mut xp = [0.0; W];
-            if let Some((x, pad)) = x {
-                xp = [pad; W];
-                xp[..n].copy_from_slice(&x[i..]);
-            }
-            let mut yp = [0.0; W];
-            if let Some(y) = y {
-                yp[..n].copy_from_slice(&y[i..]);
-            }
-            (s.load(&ep), s.load(&xp), s.load(&yp))
-        };
+        let ev = load_at(s, io, i, n, 0.0);
+        let xv = x.map_or(zero, |(x, pad)| load_at(s, x, i, n, pad));
+        let yv = y.map_or(zero, |y| load_at(s, y, i, n, 0.0));
         let g = f(ev, xv, yv, n);
-        if n == W {
-            s.store(g, (&mut io[i..i + W]).try_into().unwrap());
-        } else {
-            io[i..].copy_from_slice(&s.to_array(g)[..n]);
-        }
+        store_at(s, g, io, i, n);
         i += W;
     }
 }
