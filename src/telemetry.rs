@@ -5,9 +5,10 @@
 //! The default build has no OpenTelemetry dependency and needs no collector; asking it for
 //! OTLP export is a configuration error that says which feature to build with.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Filtered;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How logs and traces are set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,9 +43,52 @@ impl Drop for Guard {
 
 /// Installs the global subscriber: logs to stderr, and traces to OTLP when configured.
 pub fn init(s: &TelemetrySettings) -> Result<Guard, String> {
-    let filter = EnvFilter::try_from_default_env()
+    #[cfg(feature = "otel")]
+    {
+        let (tracer, provider) = match &s.otlp_endpoint {
+            Some(endpoint) => {
+                let (tracer, provider) = otel::otlp_tracer(endpoint, &s.service_name)?;
+                (Some(tracer), Some(provider))
+            }
+            None => (None, None),
+        };
+        otel::install_propagator();
+        subscriber(s, tracer)?
+            .try_init()
+            .map_err(|e| e.to_string())?;
+        Ok(Guard { provider })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        if s.otlp_endpoint.is_some() {
+            return Err("--otlp-endpoint needs a build with the `otel` feature (cargo build --features otel)".into());
+        }
+        tracing_subscriber::registry()
+            .with(log_layer(s)?)
+            .try_init()
+            .map_err(|e| e.to_string())?;
+        Ok(Guard {})
+    }
+}
+
+/// The logs layer, filtered.
+type LogLayer = Filtered<Box<dyn Layer<Registry> + Send + Sync>, EnvFilter, Registry>;
+
+/// The log filter: `RUST_LOG` when set, else `--log`.
+fn log_filter(s: &TelemetrySettings) -> Result<EnvFilter, String> {
+    EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&s.filter))
-        .map_err(|e| format!("--log {:?}: {e}", s.filter))?;
+        .map_err(|e| format!("--log {:?}: {e}", s.filter))
+}
+
+/// The logs: text or JSON lines on stderr, under the log filter only.
+///
+/// Each layer has its own filter. The log filter governs only the logs; at its default
+/// (`info`) the per-stage child spans of a call (`decode`, `queue`, `kernel`, `encode`, at
+/// `debug`) are then never created, which saves a few microseconds of every small call.
+/// Trace export ([`subscriber`]) takes every xent span at `debug` and above whatever the log
+/// filter says, so an exported trace always has the stages.
+fn log_layer(s: &TelemetrySettings) -> Result<LogLayer, String> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(s.ansi);
@@ -56,31 +100,37 @@ pub fn init(s: &TelemetrySettings) -> Result<Guard, String> {
     } else {
         fmt.boxed()
     };
-    let registry = tracing_subscriber::registry().with(filter).with(fmt);
-    #[cfg(feature = "otel")]
-    {
-        let (layer, provider) = match &s.otlp_endpoint {
-            Some(endpoint) => {
-                let (layer, provider) = otel::otlp_layer(endpoint, &s.service_name)?;
-                (Some(layer), Some(provider))
-            }
-            None => (None, None),
-        };
-        otel::install_propagator();
-        registry.with(layer).try_init().map_err(|e| e.to_string())?;
-        Ok(Guard { provider })
-    }
-    #[cfg(not(feature = "otel"))]
-    {
-        if s.otlp_endpoint.is_some() {
-            return Err("--otlp-endpoint needs a build with the `otel` feature (cargo build --features otel)".into());
-        }
-        registry.try_init().map_err(|e| e.to_string())?;
-        Ok(Guard {})
-    }
+    Ok(fmt.with_filter(log_filter(s)?))
 }
 
-use tracing_subscriber::Layer as _;
+/// What [`init`] installs: the logs, and trace export through `tracer` when given (every xent
+/// span at `debug` and above, and whatever else the log filter passes).
+#[cfg(feature = "otel")]
+pub fn subscriber(
+    s: &TelemetrySettings,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+) -> Result<impl tracing::Subscriber + Send + Sync + 'static, String> {
+    use tracing_subscriber::filter::FilterExt as _;
+    let traces = match tracer {
+        Some(tracer) => {
+            let spans = tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span()
+                    && meta.target().starts_with("xent")
+                    && *meta.level() <= tracing::Level::DEBUG
+            });
+            let filter = spans.or(log_filter(s)?);
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(filter),
+            )
+        }
+        None => None,
+    };
+    Ok(tracing_subscriber::registry()
+        .with(log_layer(s)?)
+        .with(traces))
+}
 
 /// Makes the caller's W3C trace context (the `traceparent` metadata) the parent of `span`.
 /// Without the `otel` feature there is no trace context to continue, and this does nothing.
@@ -107,20 +157,12 @@ pub mod otel {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     }
 
-    /// A tracing layer exporting spans to an OTLP/gRPC collector at `endpoint`.
-    pub fn otlp_layer<S>(
+    /// A tracer exporting spans to an OTLP/gRPC collector at `endpoint`, and the provider
+    /// that flushes it.
+    pub fn otlp_tracer(
         endpoint: &str,
         service_name: &str,
-    ) -> Result<
-        (
-            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
-            SdkTracerProvider,
-        ),
-        String,
-    >
-    where
-        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    {
+    ) -> Result<(opentelemetry_sdk::trace::SdkTracer, SdkTracerProvider), String> {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
@@ -133,8 +175,7 @@ pub mod otel {
             .with_batch_exporter(exporter)
             .with_resource(resource)
             .build();
-        let tracer = provider.tracer("xentd");
-        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
+        Ok((provider.tracer("xentd"), provider))
     }
 
     struct Metadata<'a>(&'a tonic::metadata::MetadataMap);

@@ -263,7 +263,7 @@ impl Batcher {
         let job = Job {
             ev,
             span: tracing::Span::current(),
-            queue_span: tracing::info_span!("queue"),
+            queue_span: tracing::debug_span!("queue"),
             reply,
         };
         let entry = Entry {
@@ -576,9 +576,9 @@ fn dispatch(
                 let result = span.in_scope(|| {
                     catch_unwind(AssertUnwindSafe(|| {
                         let out =
-                            tracing::info_span!("kernel").in_scope(|| compute::evaluate(&ev))?;
+                            tracing::debug_span!("kernel").in_scope(|| compute::evaluate(&ev))?;
                         m::numerical_health(out.health());
-                        Ok(tracing::info_span!("encode").in_scope(|| api::response(&ev, out)))
+                        Ok(tracing::debug_span!("encode").in_scope(|| api::response(&ev, out)))
                     }))
                     .unwrap_or_else(|_| {
                         Err(Error::Internal(

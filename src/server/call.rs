@@ -82,7 +82,7 @@ impl Call {
         };
         metrics::counter!(m::RECEIVED_BYTES).increment(received_bytes as u64);
         let result = async {
-            let (ev, context) = tracing::info_span!("decode").in_scope(decode)?;
+            let (ev, context) = tracing::debug_span!("decode").in_scope(decode)?;
             let span = tracing::Span::current();
             span.record("loss", ev.kind.name());
             span.record("dtype", ev.tensors.dtype().name());

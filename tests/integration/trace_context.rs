@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-use tracing_subscriber::layer::SubscriberExt as _;
 use xent::api::tensor::encode;
 use xent::proto::{EvaluateRequest, LossKind};
 
@@ -17,8 +16,17 @@ async fn the_callers_traceparent_is_the_parent_of_the_server_span() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    // xentd's own subscriber at its default log filter, `info`: the stages' spans are at
+    // `debug`, and trace export must have them anyway.
+    let settings = xent::telemetry::TelemetrySettings {
+        filter: "info".into(),
+        json: false,
+        ansi: false,
+        otlp_endpoint: None,
+        service_name: "xentd".into(),
+    };
+    let subscriber = xent::telemetry::subscriber(&settings, Some(provider.tracer("test")))
+        .expect("the subscriber builds");
     // Global, as in xentd: spans are entered on tokio and rayon threads, and the registry
     // closes them through each thread's default subscriber. No other test installs one.
     tracing::subscriber::set_global_default(subscriber)
