@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use xent::config::Config;
 
+/// mimalloc rather than the system allocator: a small call allocates and frees a few dozen
+/// buffers (HTTP/2 frames, protobuf messages, outputs) across threads, and glibc's malloc was
+/// about a tenth of xentd's CPU time under many small calls (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = Config::parse();
     let _telemetry = match xent::telemetry::init(&config.telemetry(std::io::stderr().is_terminal()))
