@@ -5,6 +5,10 @@
 #   2. 8 closed-loop clients of 256x1000, batching on vs off;
 #   3. an open-loop run offered 10x the throughput measured in 1, reporting what was shed and
 #      xentd's peak resident memory.
+# Beside 1, the same load against examples/echo_server.rs: the same tonic stack answering with
+# the bytes of a real answer and computing nothing (no kernel, no batcher, no spans, no
+# metrics). Its CPU per call is the transport's own cost, which no batching can remove, so
+# (CPU per call, batching off) / (CPU per call, echo) bounds what batching could ever gain.
 # Each configuration runs against a fresh release xentd; results are JSON lines in $OUT, each
 # with xentd's own CPU time and context switches per call (from /proc), which say what a call
 # costs the server whatever else the machine is doing.
@@ -29,15 +33,19 @@ if [[ $PIN == 1 ]]; then
   SERVER_ON=(taskset -c $((cores - 1)))
   CLIENT_ON=(taskset -c "0-$((cores - 2))")
 fi
-cargo build --release --bins -q
+cargo build --release --bins --example echo_server -q
 : > "$OUT"
 
-start_xentd() { # extra xentd flags...
+# Starts a server on the server core and waits until it prints its address.
+start_server() { # command...
   local log; log=$(mktemp)
-  "${SERVER_ON[@]}" target/release/xentd --listen 127.0.0.1:0 --metrics-listen off "$@" > "$log" 2>/dev/null &
+  "${SERVER_ON[@]}" "$@" > "$log" 2>/dev/null &
   XENTD_PID=$!
   for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.05; done
   ADDR=$(sed -n 's/^listening on //p' "$log")
+}
+start_xentd() { # extra xentd flags...
+  start_server target/release/xentd --listen 127.0.0.1:0 --metrics-listen off "$@"
   for _ in $(seq 100); do target/release/xent --address "$ADDR" health >/dev/null 2>&1 && break; sleep 0.05; done
 }
 stop_xentd() { kill -TERM "$XENTD_PID"; wait "$XENTD_PID" || true; }
@@ -72,6 +80,9 @@ for round in $(seq "$REPEAT"); do
     bench "small batching=$batching" --concurrency 64 --rows 1 --classes 1000
     stop_xentd
   done
+  start_server target/release/examples/echo_server 127.0.0.1:0
+  bench "small echo (transport)" --concurrency 64 --rows 1 --classes 1000
+  stop_xentd
 done
 for batching in true false; do
   start_xentd --batching "$batching"
@@ -89,8 +100,8 @@ stop_xentd
 
 python3 - "$OUT" <<'PY'
 import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
     if "requests_per_s" in r:
         lat = r["latency_ms"]
         print(f"{r['label']:<28} {r['requests_per_s']:>9.0f} req/s {r['rows_per_s']:>10.0f} rows/s "
@@ -99,4 +110,10 @@ for line in open(sys.argv[1]):
               f"errors {r['errors']}")
     else:
         print(f"{r['label']:<28} {r['peak_rss_kib'] / 1024:.0f} MiB")
+# Per round of the small-request runs: what batching gained, and the most it could gain.
+small = [r for r in rows if r["label"].startswith("small")]
+for i in range(0, len(small) - 2, 3):
+    on, off, echo = (r["server_cpu_us_per_call"] for r in small[i:i + 3])
+    print(f"round {i // 3 + 1}: CPU per call on {on:.1f} us, off {off:.1f} us, echo {echo:.1f} us: "
+          f"batching gains {off / on:.2f}x of capacity; the bound (off / echo) is {off / echo:.2f}x")
 PY
