@@ -60,10 +60,10 @@ fn run<T: Element>(cs: &mut Case<T>, sparse: bool) -> kernel::Loss {
     let labels = if sparse {
         Labels::Sparse(ClassIds::I32(&cs.ids))
     } else {
-        Labels::Dense(kernel::view3(&cs.y, cs.layout).unwrap())
+        Labels::Dense(kernel::view3(&cs.y, cs.layout).unwrap().into())
     };
     let p = Problem {
-        logits: kernel::view3(&cs.x, cs.layout).unwrap(),
+        logits: kernel::view3(&cs.x, cs.layout).unwrap().into(),
         labels,
         options: Options::default(),
         class_weights: None,

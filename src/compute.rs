@@ -106,7 +106,7 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
     let labels = match &t.labels {
         Labels::Dense(y) => {
             dense = y.data.slice();
-            kernel::Labels::Dense(kernel::view3(&dense, layout)?)
+            kernel::Labels::Dense(kernel::view3(&dense, layout)?.into())
         }
         Labels::Sparse(ClassIds::I32(ids)) => {
             ids32 = ids.data.slice();
@@ -123,7 +123,7 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
         (Some(g), _) => Upstream::Scalar(g[0]),
     };
     let problem = Problem {
-        logits: kernel::view3(&logits, layout)?,
+        logits: kernel::view3(&logits, layout)?.into(),
         labels,
         options: ev.options,
         class_weights: ev.class_weights.as_deref(),

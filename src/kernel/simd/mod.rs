@@ -26,7 +26,16 @@
 //!   scratch block, so only for rows of one block; longer half rows compute them twice.
 //! - **Sums whose error does not grow with `C`**: `f32` lanes within a block, `f64` across
 //!   blocks.
-//! - Halves are widened one block at a time into a stack buffer (no per-row allocation).
+//! - **Inputs that are not aligned `f32` go through an L1 scratch block.** Halves are widened
+//!   into it one block at a time. Unaligned `f32` bytes (a raw tensor as received: its offset
+//!   in the gRPC message is whatever the framing made it, so three times in four) are copied
+//!   into it the same way, 4 KiB right before the block's sweeps read them from L1, so the
+//!   tensor is never copied whole and the sweeps see the same `f32` values in the same lanes
+//!   as from aligned memory: the same bits (tested at every level). Single elements (the
+//!   target's logit, the exact non-finite counts) are read with unaligned loads. A copy per
+//!   block rather than unaligned vector loads straight from the bytes keeps one set of lane
+//!   loops over `&[f32]`; what it costs is measured in BENCHMARKS.md. The scratch is made once
+//!   per block of rows, so rows allocate nothing.
 //!
 //! `XENT_KERNEL_LEVEL` (`general`, `portable`, `avx2`, `avx512`) caps the level, for
 //! benchmarks and for the instruction-count guard (`scripts/kernel-guard`); `general` turns the

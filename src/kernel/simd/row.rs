@@ -6,6 +6,7 @@
 
 use half::{bf16, f16};
 
+use super::super::input::{Elems, LeBytes};
 use super::Level;
 use super::exp::{W, exp, exp1};
 #[cfg(target_arch = "x86_64")]
@@ -20,7 +21,7 @@ pub enum FastLabels<'a, T> {
     /// A dense label row.
     Dense {
         /// The given labels.
-        y: &'a [T],
+        y: Elems<'a, T>,
         /// `1 - eps`.
         keep: f64,
         /// `eps / C`.
@@ -37,8 +38,8 @@ pub enum FastLabels<'a, T> {
     },
 }
 
-/// Per-task buffers for widening halves and narrowing gradients: made once per block of rows
-/// by the caller, so rows allocate and clear nothing.
+/// Per-task buffers for widening halves, copying unaligned blocks and narrowing gradients:
+/// made once per block of rows by the caller, so rows allocate and clear nothing.
 pub struct Scratch {
     x: [f32; BLOCK],
     y: [f32; BLOCK],
@@ -60,9 +61,12 @@ impl Scratch {
 }
 
 /// Element types the fast path computes in `f32`.
-pub trait FastElem: Copy {
+pub trait FastElem: bytemuck::Pod {
     /// The block `src` as `f32`, widened into `buf` unless it already is `f32`.
     fn widen<'a>(src: &'a [Self], buf: &'a mut [f32; BLOCK]) -> &'a [f32];
+    /// The block `src` (little-endian bytes at any alignment) as `f32` in `buf`: copied, or
+    /// widened for halves.
+    fn widen_le<'a>(src: LeBytes<'_, Self>, buf: &'a mut [f32; BLOCK]) -> &'a [f32];
     /// An `f32` view of `dst` to write the block's results into: `dst` itself, or for halves
     /// `buf`, which [`FastElem::narrow_from`] then rounds into `dst`.
     fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32];
@@ -93,6 +97,12 @@ impl FastElem for f32 {
         src
     }
     #[inline(always)]
+    fn widen_le<'a>(src: LeBytes<'_, f32>, buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+        let out = &mut buf[..src.len()];
+        src.copy_to(out);
+        out
+    }
+    #[inline(always)]
     fn out_view<'a>(dst: &'a mut [f32], _buf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
         dst
     }
@@ -119,6 +129,14 @@ macro_rules! half_elem {
             fn widen<'a>(src: &'a [$t], buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
                 let out = &mut buf[..src.len()];
                 for (o, v) in out.iter_mut().zip(src) {
+                    *o = v.to_f32();
+                }
+                out
+            }
+            #[inline(always)]
+            fn widen_le<'a>(src: LeBytes<'_, $t>, buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+                let out = &mut buf[..src.len()];
+                for (o, v) in out.iter_mut().zip(src.iter()) {
                     *o = v.to_f32();
                 }
                 out
@@ -255,6 +273,21 @@ fn exps_of<'a, T: FastElem>(g: &'a mut [T], gbuf: &'a mut [f32; BLOCK]) -> &'a m
     }
 }
 
+/// Elements `b..e` of `x` as `f32`: in place for aligned `f32`, else copied (unaligned `f32`)
+/// or widened (halves) into `buf`, one L1-resident block at a time.
+#[inline(always)]
+fn block<'a, T: FastElem>(
+    x: Elems<'a, T>,
+    b: usize,
+    e: usize,
+    buf: &'a mut [f32; BLOCK],
+) -> &'a [f32] {
+    match x {
+        Elems::Slice(s) => T::widen(&s[b..e], buf),
+        Elems::Le(l) => T::widen_le(l.range(b..e), buf),
+    }
+}
+
 /// Adds the lanes of `v` to `acc`, in `f64`.
 #[inline(always)]
 fn add_lanes<S: Simd>(s: S, acc: &mut [f64; W], v: S::V) {
@@ -275,7 +308,7 @@ fn lane_sum(v: &[f64; W]) -> f64 {
 fn body<S: Simd, T: FastElem>(
     s: S,
     scratch: &mut Scratch,
-    x: &[T],
+    x: Elems<'_, T>,
     labels: &FastLabels<'_, T>,
     z_loss: f64,
     grad: Option<&mut [T]>,
@@ -300,7 +333,7 @@ fn body<S: Simd, T: FastElem>(
     let mut bad = false;
     for b in (0..c).step_by(BLOCK) {
         let e = c.min(b + BLOCK);
-        let xs = T::widen(&x[b..e], xbuf);
+        let xs = block(x, b, e, xbuf);
         let mut mx = s.splat(f32::NEG_INFINITY);
         // A lane sum of the logits: not finite when the block holds a NaN or an infinity (or,
         // harmlessly, when finite logits near f32::MAX overflow it; the exact count below
@@ -341,7 +374,7 @@ fn body<S: Simd, T: FastElem>(
         }
         add_lanes(s, &mut s64, acc);
         if let FastLabels::Dense { y, .. } = labels {
-            let ys = T::widen(&y[b..e], ybuf);
+            let ys = block(*y, b, e, ybuf);
             let mut acc = s.splat(0.0);
             for_vectors(s, ys, 0.0, |v| acc = s.add(acc, v));
             add_lanes(s, &mut y64, acc);
@@ -356,10 +389,11 @@ fn body<S: Simd, T: FastElem>(
     let mut nonfinite = 0u32;
     let mut poisoned = false;
     if bad {
-        for v in x {
-            let v = v.to_f32();
-            nonfinite += u32::from(!v.is_finite());
-            poisoned |= v.is_nan() || v == f32::INFINITY;
+        for b in (0..c).step_by(BLOCK) {
+            for &v in block(x, b, c.min(b + BLOCK), xbuf) {
+                nonfinite += u32::from(!v.is_finite());
+                poisoned |= v.is_nan() || v == f32::INFINITY;
+            }
         }
     }
     if poisoned || m == f32::NEG_INFINITY {
@@ -399,11 +433,12 @@ fn body<S: Simd, T: FastElem>(
             let e = c.min(b + BLOCK);
             // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
             let krv = s.splat(k * exp1(maxes[bi] - m));
-            let xs = T::widen(&x[b..e], xbuf);
             let mut acc = s.splat(0.0);
+            // The logits are read again only where the loss needs `x - m`.
             match labels {
                 FastLabels::Dense { y, .. } => {
-                    let ys = T::widen(&y[b..e], ybuf);
+                    let xs = block(x, b, e, xbuf);
+                    let ys = block(*y, b, e, ybuf);
                     // Tail lanes are not written back and add y' = 0 (zeroed below).
                     let io = &mut exps[b..e];
                     let xpad = Some((xs, f32::NEG_INFINITY));
@@ -425,6 +460,7 @@ fn body<S: Simd, T: FastElem>(
                         s.mul(scv, s.sub(s.mul(ev, krv), addv))
                     });
                     if smoothed {
+                        let xs = block(x, b, e, xbuf);
                         // Padding with m adds d = 0.
                         for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
                     }
@@ -436,7 +472,7 @@ fn body<S: Simd, T: FastElem>(
         let a = match *labels {
             FastLabels::Dense { .. } => lane_sum(&a64),
             FastLabels::Sparse { target, .. } => {
-                let dt = x_at(x, target, xbuf) - m;
+                let dt = x_at(x, target) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
                 let sum_d = if smoothed { add * lane_sum(&a64) } else { 0.0 };
                 let target_term = if keep == 0.0 {
@@ -459,8 +495,8 @@ fn body<S: Simd, T: FastElem>(
             let mut grad = grad;
             for b in (0..c).step_by(BLOCK) {
                 let e = c.min(b + BLOCK);
-                let xs = T::widen(&x[b..e], xbuf);
-                let ys = T::widen(&y[b..e], ybuf);
+                let xs = block(x, b, e, xbuf);
+                let ys = block(*y, b, e, ybuf);
                 let mut acc = s.splat(0.0);
                 let out = grad.as_deref_mut().map(|g| T::out_view(&mut g[b..e], gbuf));
                 // Tail lanes: x = -inf and y' = 0, so they add nothing.
@@ -490,7 +526,7 @@ fn body<S: Simd, T: FastElem>(
             if let Some(g) = grad {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = T::widen(&x[b..e], xbuf);
+                    let xs = block(x, b, e, xbuf);
                     let mut acc = s.splat(0.0);
                     let out = T::out_view(&mut g[b..e], gbuf);
                     // Tail lanes: x = m, so d = 0 adds nothing.
@@ -502,19 +538,19 @@ fn body<S: Simd, T: FastElem>(
                     T::narrow_from(&mut g[b..e], gbuf);
                     add_lanes(s, &mut d64, acc);
                 }
-                let dt = x_at(x, target, xbuf) - m;
+                let dt = x_at(x, target) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
             } else if smoothed {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = T::widen(&x[b..e], xbuf);
+                    let xs = block(x, b, e, xbuf);
                     let mut acc = s.splat(0.0);
                     // Padding with m adds d = 0.
                     for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
                     add_lanes(s, &mut d64, acc);
                 }
             }
-            let dt = f64::from(x_at(x, target, xbuf) - m);
+            let dt = f64::from(x_at(x, target) - m);
             let sum_d = if smoothed { add * lane_sum(&d64) } else { 0.0 };
             // A term whose coefficient is 0 contributes 0 even at a -inf logit (0 * log 0 = 0,
             // spec Deviation 4): with smoothing 1 the target's own share is 0.
@@ -531,8 +567,8 @@ fn body<S: Simd, T: FastElem>(
 
 /// `x[j]` as `f32`.
 #[inline(always)]
-fn x_at<T: FastElem>(x: &[T], j: usize, buf: &mut [f32; BLOCK]) -> f32 {
-    T::widen(&x[j..=j], buf)[0]
+fn x_at<T: FastElem>(x: Elems<'_, T>, j: usize) -> f32 {
+    x.get(j).to_f32()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -540,7 +576,7 @@ fn x_at<T: FastElem>(x: &[T], j: usize, buf: &mut [f32; BLOCK]) -> f32 {
 fn body_avx512<T: FastElem>(
     s: Avx512,
     sc: &mut Scratch,
-    x: &[T],
+    x: Elems<'_, T>,
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
@@ -554,7 +590,7 @@ fn body_avx512<T: FastElem>(
 fn body_avx2<T: FastElem>(
     s: Avx2,
     sc: &mut Scratch,
-    x: &[T],
+    x: Elems<'_, T>,
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
@@ -566,7 +602,7 @@ fn body_avx2<T: FastElem>(
 #[inline(never)]
 fn body_portable<T: FastElem>(
     sc: &mut Scratch,
-    x: &[T],
+    x: Elems<'_, T>,
     labels: &FastLabels<'_, T>,
     z: f64,
     grad: Option<&mut [T]>,
@@ -581,7 +617,7 @@ fn body_portable<T: FastElem>(
 pub fn fast_row<T: FastElem>(
     level: Level,
     scratch: &mut Scratch,
-    x: &[T],
+    x: Elems<'_, T>,
     labels: &FastLabels<'_, T>,
     z_loss: f64,
     grad: Option<&mut [T]>,
@@ -627,7 +663,7 @@ mod tests {
             let (x, y) = row(c);
             let labels = [
                 FastLabels::Dense {
-                    y: &y[..],
+                    y: Elems::Slice(&y),
                     keep: 0.9,
                     add: 0.1 / c as f64,
                 },
@@ -646,8 +682,16 @@ mod tests {
                 let mut first: Option<(u64, Vec<u32>)> = None;
                 for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                     let mut g = vec![0.0f32; c];
-                    let loss =
-                        fast_row(level, &mut Scratch::new(), &x, lab, 1e-4, Some(&mut g), 0.5).loss;
+                    let loss = fast_row(
+                        level,
+                        &mut Scratch::new(),
+                        Elems::Slice(&x),
+                        lab,
+                        1e-4,
+                        Some(&mut g),
+                        0.5,
+                    )
+                    .loss;
                     let bits = (
                         loss.to_bits(),
                         g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -659,6 +703,89 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Unaligned little-endian bytes give the bits of aligned elements, at every level, for
+    /// every element type, with and without a gradient, rows shorter and longer than a block
+    /// and with tails that are not a whole vector, and with non-finite logits.
+    #[test]
+    fn unaligned_bytes_give_the_bits_of_aligned_elements_at_every_level() {
+        use super::super::super::input::testing::Misaligned;
+        /// Dense labels and class ids, each without and with label smoothing.
+        fn four_labels<T: FastElem>(y: Elems<'_, T>, c: usize) -> [FastLabels<'_, T>; 4] {
+            let (keep, add) = (0.9, 0.1 / c as f64);
+            [
+                FastLabels::Dense {
+                    y,
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Dense { y, keep, add },
+                FastLabels::Sparse {
+                    target: c / 2,
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Sparse {
+                    target: c - 1,
+                    keep,
+                    add,
+                },
+            ]
+        }
+        fn check<T: FastElem>() {
+            for c in [1usize, 15, 16, 17, 1000, 1024, 1025, 2049, 5000] {
+                let (x32, y32) = row(c);
+                for poison in [None, Some(f32::NEG_INFINITY), Some(f32::NAN)] {
+                    let mut x: Vec<T> = x32.iter().map(|&v| T::from_f32(v)).collect();
+                    if let Some(p) = poison {
+                        x[c / 3] = T::from_f32(p);
+                    }
+                    let y: Vec<T> = y32.iter().map(|&v| T::from_f32(v)).collect();
+                    for offset in 1..=3 {
+                        let (xm, ym) =
+                            (Misaligned::new(&x, offset), Misaligned::new(&y, 4 - offset));
+                        let aligned = four_labels(Elems::Slice(&y), c);
+                        let unaligned = four_labels(ym.elems(), c);
+                        for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                            for (la, lu) in aligned.iter().zip(&unaligned) {
+                                for with_grad in [false, true] {
+                                    let run = |x: Elems<'_, T>, lab: &FastLabels<'_, T>| {
+                                        let mut g = vec![T::from_f32(7.0); c];
+                                        let grad = with_grad.then_some(&mut g[..]);
+                                        let out = fast_row(
+                                            level,
+                                            &mut Scratch::new(),
+                                            x,
+                                            lab,
+                                            1e-4,
+                                            grad,
+                                            0.5,
+                                        );
+                                        let bits: Vec<u32> =
+                                            g.iter().map(|v| v.to_f32().to_bits()).collect();
+                                        (
+                                            out.loss.to_bits(),
+                                            out.nonfinite,
+                                            out.label_sum.to_bits(),
+                                            bits,
+                                        )
+                                    };
+                                    assert_eq!(
+                                        run(Elems::Slice(&x), la),
+                                        run(xm.elems(), lu),
+                                        "C = {c}, offset {offset}, {level:?}, poison {poison:?}, grad {with_grad}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>();
+        check::<f16>();
+        check::<bf16>();
     }
 
     /// Rows whose maximum rises block after block (and far: later exponentials rescale the
@@ -681,7 +808,15 @@ mod tests {
             };
             for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                 let mut g = vec![0.0f32; c];
-                let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, Some(&mut g), 1.0);
+                let loss = fast_row(
+                    level,
+                    &mut Scratch::new(),
+                    Elems::Slice(&x),
+                    &lab,
+                    0.0,
+                    Some(&mut g),
+                    1.0,
+                );
                 let want = m + sum.ln() - f64::from(x[target]);
                 assert!(
                     (loss.loss - want).abs() <= 3e-5 * want.abs(),
@@ -708,7 +843,16 @@ mod tests {
             add: 0.5,
         };
         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
-            let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, None, 1.0).loss;
+            let loss = fast_row(
+                level,
+                &mut Scratch::new(),
+                Elems::Slice(&x),
+                &lab,
+                0.0,
+                None,
+                1.0,
+            )
+            .loss;
             assert_eq!(loss, f64::INFINITY, "{level:?}");
         }
     }
@@ -726,7 +870,7 @@ mod tests {
         let loss = fast_row(
             Level::detected(),
             &mut Scratch::new(),
-            &x,
+            Elems::Slice(&x),
             &sparse,
             0.0,
             Some(&mut g),
@@ -739,7 +883,7 @@ mod tests {
             fast_row(
                 Level::detected(),
                 &mut Scratch::new(),
-                &x,
+                Elems::Slice(&x),
                 &sparse,
                 0.0,
                 Some(&mut g),
@@ -754,7 +898,7 @@ mod tests {
             fast_row(
                 Level::detected(),
                 &mut Scratch::new(),
-                &x,
+                Elems::Slice(&x),
                 &sparse,
                 0.0,
                 None,
@@ -769,7 +913,7 @@ mod tests {
             fast_row(
                 Level::detected(),
                 &mut Scratch::new(),
-                &x,
+                Elems::Slice(&x),
                 &sparse,
                 0.0,
                 None,
