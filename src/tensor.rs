@@ -7,8 +7,8 @@
 //!
 //! - [`Buf::elems`] is how logits and dense labels reach the kernel: the elements in place
 //!   where aligned, else the received bytes themselves as [`LeBytes`], never a copy. The
-//!   kernel's vector fast path reads unaligned bytes a block at a time through its L1 scratch
-//!   buffer; its general path (class weights, class axis not last, float64, a labels gradient,
+//!   kernel's vector fast path reads unaligned bytes in place (unaligned vector loads); its
+//!   general path (class weights, class axis not last, float64, a labels gradient,
 //!   probabilities) copies them once into an aligned buffer, on the compute thread (see
 //!   `kernel::Input`). Copying every tensor whole up front cost a full pass over memory and an
 //!   allocation (8 MB at 16 x 128256 float32) on three calls in four.

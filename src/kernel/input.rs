@@ -6,11 +6,10 @@
 //! tensor whole into an aligned buffer before reading it costs a full pass over memory (8 MB at
 //! 16 x 128256 `f32`) and an allocation; instead the caller hands the kernel the bytes as
 //! [`LeBytes`] (inside an [`Input`]) and:
-//! - the vector fast path ([`super::simd`]) copies each block of
-//!   [`super::simd::row::BLOCK`] elements into its L1-resident scratch block as it reads it
-//!   (halves are widened into that block anyway), and reads single elements with unaligned
-//!   loads, so no full-size copy is made and the rows compute the same bits as from aligned
-//!   elements;
+//! - the vector fast path ([`super::simd`]) reads them in place: `f32` with unaligned vector
+//!   loads, halves widened a block at a time into its scratch block as they always are, single
+//!   elements with unaligned loads. No copy of the tensor is made and the rows compute the
+//!   same bits as from aligned elements;
 //! - the general path ([`super::rows`], for class weights, a class axis that is not last,
 //!   `f64`, a labels gradient, probabilities) reads ndarray views, which need aligned elements:
 //!   it copies the tensor once per call into an aligned buffer ([`LeBytes::to_vec`]).

@@ -7,8 +7,8 @@
 //!
 //! Float inputs ([`Input`]) are ndarray views or little-endian bytes at any alignment (a raw
 //! tensor as it arrived over the wire, rarely aligned for its type): the vector fast path
-//! reads either in place, a block at a time; the general path copies unaligned bytes into
-//! aligned buffers once per call. The `input` module says why.
+//! reads either in place; the general path copies unaligned bytes into aligned buffers once
+//! per call. The `input` module says why.
 //!
 //! How a call runs:
 //! 1. [`reduce`] computes each example's effective weight and the reduction's denominator,
