@@ -6,13 +6,20 @@
 //! that shape's bytes: dense moves logits + labels + gradient, sparse logits + gradient.
 //! `XENT_KERNEL_LEVEL` (general, portable, avx2, avx512) caps the kernel's instruction set;
 //! `XENT_BENCH_QUICK=1` shortens the measurements (for the anchors script).
+//!
+//! `dense-unaligned` and `sparse-unaligned` (f32, at 4096x1000 and 16x128256) read the logits
+//! and dense labels as little-endian bytes 1 byte past an aligned address, as a raw tensor
+//! usually sits in a received gRPC message, beside the aligned cases of the same run:
+//! `cargo bench --bench kernel -- "kernel-f32/.*(4096x1000|16x128256)"`.
 
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use xent::dtype::Element;
-use xent::kernel::{self, ClassIds, Grads, Labels, Layout, Options, Problem, Upstream};
+use xent::kernel::{
+    self, ClassIds, Elems, Grads, Input, Labels, Layout, LeBytes, Options, Problem, Upstream,
+};
 
 const THREADS: usize = 2;
 const SHAPES: [(usize, usize); 6] = [
@@ -23,7 +30,32 @@ const SHAPES: [(usize, usize); 6] = [
     (64, 32000),
     (16, 128256),
 ];
+/// Shapes also measured with unaligned f32 inputs.
+const UNALIGNED_SHAPES: [(usize, usize); 2] = [(4096, 1000), (16, 128256)];
 const TRIAD_N: usize = 16 << 20;
+
+/// The bytes of some elements stored 1 byte past an 8-byte aligned address.
+struct Offset {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Offset {
+    fn new<T: bytemuck::Pod>(v: &[T]) -> Offset {
+        let bytes: &[u8] = bytemuck::cast_slice(v);
+        let mut words = vec![0u64; (bytes.len() + 1).div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[1..1 + bytes.len()].copy_from_slice(bytes);
+        Offset {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn input<T: bytemuck::Pod>(&self, layout: Layout) -> Input<'_, T> {
+        let bytes = &bytemuck::cast_slice::<u64, u8>(&self.words)[1..1 + self.len];
+        Input::new(Elems::Le(LeBytes::new(bytes).unwrap()), layout).unwrap()
+    }
+}
 
 struct Case<T> {
     x: Vec<T>,
@@ -56,14 +88,26 @@ fn case<T: Element>(rows: usize, c: usize) -> Case<T> {
     }
 }
 
-fn run<T: Element>(cs: &mut Case<T>, sparse: bool) -> kernel::Loss {
+/// One evaluation, reading logits and dense labels from `unaligned` copies when given.
+fn run<T: Element>(
+    cs: &mut Case<T>,
+    unaligned: Option<&(Offset, Offset)>,
+    sparse: bool,
+) -> kernel::Loss {
+    let (x, y) = match unaligned {
+        Some((x, y)) => (x.input(cs.layout), y.input(cs.layout)),
+        None => (
+            kernel::view3(&cs.x, cs.layout).unwrap().into(),
+            kernel::view3(&cs.y, cs.layout).unwrap().into(),
+        ),
+    };
     let labels = if sparse {
         Labels::Sparse(ClassIds::I32(&cs.ids))
     } else {
-        Labels::Dense(kernel::view3(&cs.y, cs.layout).unwrap())
+        Labels::Dense(y)
     };
     let p = Problem {
-        logits: kernel::view3(&cs.x, cs.layout).unwrap(),
+        logits: x,
         labels,
         options: Options::default(),
         class_weights: None,
@@ -120,12 +164,21 @@ fn kernels<T: Element>(c: &mut Criterion, pool: &rayon::ThreadPool, name: &str) 
     for (rows, classes) in SHAPES {
         let mut cs = case::<T>(rows, classes);
         g.throughput(Throughput::Bytes((rows * classes * size_of::<T>()) as u64));
+        let unaligned = (T::DTYPE == xent::dtype::DType::F32
+            && UNALIGNED_SHAPES.contains(&(rows, classes)))
+        .then(|| (Offset::new(&cs.x), Offset::new(&cs.y)));
         for sparse in [false, true] {
-            let id = BenchmarkId::new(
-                if sparse { "sparse" } else { "dense" },
-                format!("{rows}x{classes}"),
-            );
-            g.bench_function(id, |b| b.iter(|| pool.install(|| run(&mut cs, sparse))));
+            let kind = if sparse { "sparse" } else { "dense" };
+            let id = BenchmarkId::new(kind, format!("{rows}x{classes}"));
+            g.bench_function(id, |b| {
+                b.iter(|| pool.install(|| run(&mut cs, None, sparse)))
+            });
+            if let Some(u) = &unaligned {
+                let id = BenchmarkId::new(format!("{kind}-unaligned"), format!("{rows}x{classes}"));
+                g.bench_function(id, |b| {
+                    b.iter(|| pool.install(|| run(&mut cs, Some(u), sparse)))
+                });
+            }
         }
     }
     g.finish();
@@ -150,12 +203,12 @@ fn summary() {
     );
     println!("bound = triad / (bytes moved per logit byte: 3 dense, 2 sparse)");
     println!(
-        "{:<6} {:<7} {:<11} {:>8} {:>8} {:>9}",
+        "{:<6} {:<16} {:<11} {:>8} {:>8} {:>9}",
         "dtype", "labels", "shape", "GB/s", "bound", "fraction"
     );
     for (name, size) in [("f32", 4usize), ("bf16", 2)] {
         for (rows, classes) in SHAPES {
-            for kind in ["dense", "sparse"] {
+            for kind in ["dense", "sparse", "dense-unaligned", "sparse-unaligned"] {
                 let Some(ns) = mean_ns(
                     &format!("kernel-{name}"),
                     &format!("{kind}/{rows}x{classes}"),
@@ -163,10 +216,10 @@ fn summary() {
                     continue;
                 };
                 let gbs = (rows * classes * size) as f64 / ns;
-                let bound = triad / if kind == "dense" { 3.0 } else { 2.0 };
+                let bound = triad / if kind.starts_with("dense") { 3.0 } else { 2.0 };
                 let shape = format!("{rows}x{classes}");
                 println!(
-                    "{name:<6} {kind:<7} {shape:<11} {gbs:>8.2} {bound:>8.2} {:>9.2}",
+                    "{name:<6} {kind:<16} {shape:<11} {gbs:>8.2} {bound:>8.2} {:>9.2}",
                     gbs / bound
                 );
             }

@@ -1,18 +1,31 @@
 //! Typed element buffers that may borrow the received gRPC frame.
 //!
 //! A request's `raw_data` arrives as a [`bytes::Bytes`] slice of the message tonic received
-//! (prost takes it out of the message without copying). [`Buf`] keeps it as it came: where the
-//! slice is aligned for the element type, [`Buf::slice`] reads it in place; where it is not (its
-//! offset in the message is whatever the protobuf framing made it), `slice` copies it once into
-//! an aligned buffer, on whichever thread asks, which for tensors is the compute pool, never
-//! the async runtime. Outputs go the other way: [`vec_into_bytes`] hands a computed `Vec<T>`
-//! to the encoder without copying it.
+//! (prost takes it out of the message without copying). [`Buf`] keeps it as it came, aligned
+//! for the element type or not: its offset in the message is whatever the protobuf framing
+//! made it, so a float32 tensor is unaligned three times in four.
+//!
+//! - [`Buf::elems`] is how logits and dense labels reach the kernel: the elements in place
+//!   where aligned, else the received bytes themselves as [`LeBytes`], never a copy. The
+//!   kernel's vector fast path reads unaligned bytes in place (unaligned vector loads); its
+//!   general path (class weights, class axis not last, float64, a labels gradient,
+//!   probabilities) copies them once into an aligned buffer, on the compute thread (see
+//!   `kernel::Input`). Copying every tensor whole up front cost a full pass over memory and an
+//!   allocation (8 MB at 16 x 128256 float32) on three calls in four.
+//! - [`Buf::slice`] gives a plain `&[T]`: in place where aligned, else a copy into an aligned
+//!   buffer, made on whichever thread asks (for class ids, one per row, and the few callers
+//!   outside the kernel's float inputs).
+//!
+//! Outputs go the other way: [`vec_into_bytes`] hands a computed `Vec<T>` to the encoder
+//! without copying it.
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
 use bytemuck::Pod;
 use bytes::Bytes;
+
+use crate::kernel::{Elems, LeBytes};
 
 /// Elements of type `T`, either borrowed from received bytes or owned.
 #[derive(Clone, Debug)]
@@ -52,7 +65,7 @@ impl<T: Pod> Buf<T> {
             });
         }
         Ok(Buf {
-            repr: Repr::Owned(copy_le(&bytes)),
+            repr: Repr::Owned(le_bytes::<T>(&bytes).to_vec()),
         })
     }
 
@@ -63,14 +76,23 @@ impl<T: Pod> Buf<T> {
         }
     }
 
-    /// The elements: borrowed where they can be read in place, else copied once into an
-    /// aligned buffer.
+    /// The elements: borrowed where they can be read in place, else copied into an aligned
+    /// buffer (on every call).
     pub fn slice(&self) -> Cow<'_, [T]> {
+        match self.elems() {
+            Elems::Slice(s) => Cow::Borrowed(s),
+            Elems::Le(b) => Cow::Owned(b.to_vec()),
+        }
+    }
+
+    /// The elements as the kernel reads them, never copied: in place where aligned for `T`
+    /// (or owned), else the received little-endian bytes.
+    pub fn elems(&self) -> Elems<'_, T> {
         match &self.repr {
-            Repr::Owned(v) => Cow::Borrowed(v),
+            Repr::Owned(v) => Elems::Slice(v),
             Repr::Shared(b, _) => match bytemuck::try_cast_slice(b) {
-                Ok(s) => Cow::Borrowed(s),
-                Err(_) => Cow::Owned(copy_le(b)),
+                Ok(s) => Elems::Slice(s),
+                Err(_) => Elems::Le(le_bytes(b)),
             },
         }
     }
@@ -88,7 +110,8 @@ impl<T: Pod> Buf<T> {
         self.len() == 0
     }
 
-    /// Whether the elements are read in place from received bytes (no copy is made).
+    /// Whether [`Buf::slice`] reads the elements in place from received bytes (they are
+    /// aligned for `T`). [`Buf::elems`] reads them in place either way.
     pub fn is_borrowed(&self) -> bool {
         match &self.repr {
             Repr::Shared(b, _) => bytemuck::try_cast_slice::<u8, T>(b).is_ok(),
@@ -97,16 +120,9 @@ impl<T: Pod> Buf<T> {
     }
 }
 
-/// Little-endian bytes (a whole number of elements) into an aligned `Vec`.
-fn copy_le<T: Pod>(bytes: &[u8]) -> Vec<T> {
-    let size = std::mem::size_of::<T>();
-    let mut out: Vec<T> = bytemuck::zeroed_vec(bytes.len() / size);
-    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-    dst.copy_from_slice(bytes);
-    if cfg!(target_endian = "big") {
-        dst.chunks_exact_mut(size).for_each(<[u8]>::reverse);
-    }
-    out
+/// Bytes whose length was checked on arrival to be a whole number of elements.
+fn le_bytes<T: Pod>(bytes: &[u8]) -> LeBytes<'_, T> {
+    LeBytes::new(bytes).expect("a whole number of elements, checked on arrival")
 }
 
 /// The bytes of a `Vec<T>` as little-endian [`Bytes`], without a copy on little-endian hosts.
@@ -152,6 +168,34 @@ mod tests {
         assert!(!buf.is_borrowed());
         assert!(matches!(buf.slice(), Cow::Owned(_)));
         assert_eq!(&*buf.slice(), &[7.0, -1.0]);
+    }
+
+    #[test]
+    fn unaligned_bytes_reach_the_kernel_as_the_received_bytes() {
+        let mut raw = vec![0u8; 3];
+        for v in [1.5f32, -2.0, 3.25] {
+            raw.extend_from_slice(&v.to_le_bytes());
+        }
+        let bytes = Bytes::from(raw);
+        for offset in 1..=3 {
+            let tail = bytes.slice(offset..offset + 8);
+            let buf = Buf::<f32>::from_le_bytes(tail.clone()).unwrap();
+            let aligned = tail.as_ptr().align_offset(4) == 0;
+            match buf.elems() {
+                Elems::Le(b) => {
+                    assert!(!aligned);
+                    // The very bytes received, not a copy.
+                    assert_eq!(b.as_bytes().as_ptr(), tail.as_ptr());
+                    assert_eq!(b.len(), 2);
+                }
+                Elems::Slice(s) => {
+                    assert!(aligned);
+                    assert_eq!(s.as_ptr().cast::<u8>(), tail.as_ptr());
+                }
+            }
+        }
+        let aligned = Buf::<f32>::from_le_bytes(vec_into_bytes(vec![1.0f32, 2.0])).unwrap();
+        assert!(matches!(aligned.elems(), Elems::Slice(&[1.0, 2.0])));
     }
 
     #[test]

@@ -1,8 +1,14 @@
-//! The fused softmax cross-entropy kernel: pure functions over ndarray views.
+//! The fused softmax cross-entropy kernel: pure functions over ndarray views and little-endian
+//! byte slices.
 //!
 //! This module knows nothing of gRPC, async or metrics (`.ci/run` checks it): it takes
 //! checked inputs and caller-owned gradient buffers and returns the loss. The contract it
 //! implements is the project's semantics document; the formulas are in the `rows` module's docs.
+//!
+//! Float inputs ([`Input`]) are ndarray views or little-endian bytes at any alignment (a raw
+//! tensor as it arrived over the wire, rarely aligned for its type): the vector fast path
+//! reads either in place; the general path copies unaligned bytes into aligned buffers once
+//! per call. The `input` module says why.
 //!
 //! How a call runs:
 //! 1. [`reduce`] computes each example's effective weight and the reduction's denominator,
@@ -19,6 +25,7 @@
 //! A row's result therefore depends only on that row, its weights and the reduction's
 //! denominator: never on the thread count or on what else was computed with it.
 
+mod input;
 mod layout;
 mod options;
 pub mod reduce;
@@ -30,6 +37,9 @@ use ndarray::{ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3, ShapeBuilder
 use rayon::prelude::*;
 
 use crate::dtype::Element;
+#[cfg(test)]
+pub use input::copies;
+pub use input::{Elems, Input, LeBytes};
 pub use layout::{Layout, normalize_axis};
 pub use options::{Options, Reduction};
 use rows::{DenseRow, LabelRow, RowGrads, RowOut, SparseRow, logits_row, probabilities_row};
@@ -71,7 +81,7 @@ impl ClassIds<'_> {
 #[derive(Clone, Copy, Debug)]
 pub enum Labels<'a, T> {
     /// Dense label rows laid out like the logits.
-    Dense(ArrayView3<'a, T>),
+    Dense(Input<'a, T>),
     /// One class id per row.
     Sparse(ClassIds<'a>),
 }
@@ -92,7 +102,7 @@ pub enum Upstream<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Problem<'a, T> {
     /// Logits (or probabilities) as `(outer, classes, inner)`, in standard layout.
-    pub logits: ArrayView3<'a, T>,
+    pub logits: Input<'a, T>,
     /// Labels.
     pub labels: Labels<'a, T>,
     /// Scalar options (the axis is already applied through the layout).
@@ -258,11 +268,20 @@ pub fn evaluate_with_health<T: Element>(
         (Some(d), _) => reduce::safe_div(sample(r), d),
     };
 
-    let grads_labels_wanted = grads.labels.is_some();
+    let fast = fast_inputs(problem, grads.labels.is_some(), layout);
+    // The general path reads ndarray views: inputs given as unaligned bytes are copied into
+    // aligned buffers for it here, once per call. The fast path reads them in place.
+    let (mut xbuf, mut ybuf) = (Vec::new(), Vec::new());
+    let general = fast.is_none().then(|| General {
+        x: problem.logits.aligned_view(&mut xbuf),
+        y: match &problem.labels {
+            Labels::Dense(y) => Some(y.aligned_view(&mut ybuf)),
+            Labels::Sparse(_) => None,
+        },
+    });
     let mut losses = vec![0.0f64; rows];
     let block_outer = BLOCK_ELEMENTS.div_ceil((classes * inner).max(1)).max(1);
     let blocks = split_blocks(outer, block_outer, inner, &mut losses, grads);
-    let fast = fast_inputs(problem, &grads_labels_wanted, layout);
     let run = |b: Block<'_, '_, T>| {
         let Block {
             first_outer,
@@ -290,6 +309,9 @@ pub fn evaluate_with_health<T: Element>(
             }
             return health;
         }
+        let Some(v) = &general else {
+            unreachable!("the general path has its views when the fast path is off")
+        };
         for (k, loss) in losses.iter_mut().enumerate() {
             let (o, i) = (first_outer + k / inner, k % inner);
             let r = o * inner + i;
@@ -303,7 +325,7 @@ pub fn evaluate_with_health<T: Element>(
                 g.fill(0.0);
                 0.0
             } else {
-                sample(r) * row_loss(problem, layout, o, i, r, row_grads, &mut health)
+                sample(r) * row_loss(problem, v, layout, (o, i, r), row_grads, &mut health)
             };
             health.nonfinite_loss_rows += u64::from(!loss.is_finite());
         }
@@ -328,12 +350,19 @@ pub fn evaluate_with_health<T: Element>(
     Ok((loss, health))
 }
 
+/// The float inputs as the general path reads them: ndarray views of aligned elements.
+struct General<'a, T> {
+    x: ArrayView3<'a, T>,
+    y: Option<ArrayView3<'a, T>>,
+}
+
 /// What the vector fast path ([`simd`]) needs: contiguous rows (class axis last), logits,
-/// no class weights, no labels gradient, a type computed in `f32`.
+/// no class weights, no labels gradient, a type computed in `f32`. Its inputs are read in
+/// place, aligned or not.
 struct FastInputs<'a, T> {
     level: simd::Level,
-    x: &'a [T],
-    y: Option<&'a [T]>,
+    x: Elems<'a, T>,
+    y: Option<Elems<'a, T>>,
     classes: usize,
     keep: f64,
     add: f64,
@@ -341,7 +370,7 @@ struct FastInputs<'a, T> {
 
 fn fast_inputs<'a, T: Element>(
     p: &Problem<'a, T>,
-    labels_grad: &bool,
+    labels_grad: bool,
     layout: Layout,
 ) -> Option<FastInputs<'a, T>> {
     let level = simd::Level::current();
@@ -350,14 +379,14 @@ fn fast_inputs<'a, T: Element>(
         || layout.inner != 1
         || !opts.from_logits
         || p.class_weights.is_some()
-        || *labels_grad
+        || labels_grad
         || T::DTYPE == crate::dtype::DType::F64
     {
         return None;
     }
-    let x = p.logits.to_slice()?;
+    let x = p.logits.contiguous()?;
     let y = match p.labels {
-        Labels::Dense(y) => Some(y.to_slice()?),
+        Labels::Dense(y) => Some(y.contiguous()?),
         Labels::Sparse(_) => None,
     };
     let c = layout.classes as f64;
@@ -385,19 +414,19 @@ impl<T: Element> FastInputs<'_, T> {
     ) -> f64 {
         use crate::dtype::DType;
         let c = self.classes;
-        let x = &self.x[r * c..(r + 1) * c];
-        let y = self.y.map(|y| &y[r * c..(r + 1) * c]);
+        let x = self.x.range(r * c..(r + 1) * c);
+        let y = self.y.map(|y| y.range(r * c..(r + 1) * c));
         let target = match p.labels {
             Labels::Sparse(ids) => ids.get(r) as usize,
             Labels::Dense(_) => 0,
         };
         let z = p.options.z_loss;
         #[allow(clippy::too_many_arguments)]
-        fn go<U: simd::row::FastElem + bytemuck::Pod, T: Element + bytemuck::Pod>(
+        fn go<U: simd::row::FastElem, T: Element>(
             f: &FastInputs<'_, T>,
             scratch: &mut simd::row::Scratch,
-            x: &[T],
-            y: Option<&[T]>,
+            x: Elems<'_, T>,
+            y: Option<Elems<'_, T>>,
             target: usize,
             z: f64,
             grad: Option<&mut [T]>,
@@ -406,7 +435,7 @@ impl<T: Element> FastInputs<'_, T> {
         ) -> f64 {
             let labels = match y {
                 Some(y) => simd::FastLabels::Dense {
-                    y: bytemuck::cast_slice::<T, U>(y),
+                    y: y.cast::<U>(),
                     keep: f.keep,
                     add: f.add,
                 },
@@ -417,22 +446,17 @@ impl<T: Element> FastInputs<'_, T> {
                 },
             };
             let grad = grad.map(bytemuck::cast_slice_mut::<T, U>);
-            let out: simd::FastRow = simd::fast_row(
-                f.level,
-                scratch,
-                bytemuck::cast_slice::<T, U>(x),
-                &labels,
-                z,
-                grad,
-                scale,
-            );
+            let out: simd::FastRow =
+                simd::fast_row(f.level, scratch, x.cast::<U>(), &labels, z, grad, scale);
             health.nonfinite_inputs += u64::from(out.nonfinite);
             if let simd::FastLabels::Dense { y, .. } = labels {
                 // Only a row whose sum is not finite holds a non-finite label.
                 let nonfinite = if out.label_sum.is_finite() {
                     0
                 } else {
-                    y.iter().map(|v| u32::from(!v.to_f32().is_finite())).sum()
+                    (0..y.len())
+                        .map(|j| u32::from(!y.get(j).to_f32().is_finite()))
+                        .sum()
                 };
                 health.label_row(T::DTYPE, out.label_sum, nonfinite);
             }
@@ -448,23 +472,22 @@ impl<T: Element> FastInputs<'_, T> {
     }
 }
 
-/// The unweighted loss of row `(o, i)`, writing its gradients and adding its inputs to
-/// `health`.
+/// The unweighted loss of row `(o, i)` (row-major index `r`), writing its gradients and adding
+/// its inputs to `health`.
 fn row_loss<T: Element>(
     p: &Problem<'_, T>,
+    v: &General<'_, T>,
     layout: Layout,
-    o: usize,
-    i: usize,
-    r: usize,
+    (o, i, r): (usize, usize, usize),
     grads: RowGrads<'_, T>,
     health: &mut Health,
 ) -> f64 {
-    let x = p.logits.slice(ndarray::s![o, .., i]);
+    let x = v.x.slice(ndarray::s![o, .., i]);
     let opts = &p.options;
     let c = layout.classes as f64;
     let (keep, add) = (1.0 - opts.label_smoothing, opts.label_smoothing / c);
-    match p.labels {
-        Labels::Dense(y) => {
+    match (p.labels, &v.y) {
+        (Labels::Dense(_), Some(y)) => {
             let lab = DenseRow {
                 y: y.slice(ndarray::s![o, .., i]),
                 keep,
@@ -475,7 +498,8 @@ fn row_loss<T: Element>(
             health.label_row(T::DTYPE, given.sum, given.nonfinite);
             dispatch(x, &lab, opts, grads, health)
         }
-        Labels::Sparse(ids) => {
+        (Labels::Dense(_), None) => unreachable!("dense labels have their view"),
+        (Labels::Sparse(ids), _) => {
             let target = ids.get(r) as usize;
             let wt = p.class_weights.map_or(1.0, |w| w[target]);
             let lab = SparseRow {
@@ -565,14 +589,21 @@ fn row_mut<'b, T>(g: &'b mut ArrayViewMut3<'_, T>, o: usize, i: usize) -> ArrayV
 }
 
 /// Checks that buffers agree with the logits, so no index below can go out of bounds.
-fn check<T>(p: &Problem<'_, T>, grads: &Grads<'_, T>, layout: Layout) -> Result<(), KernelError> {
+fn check<T: bytemuck::Pod>(
+    p: &Problem<'_, T>,
+    grads: &Grads<'_, T>,
+    layout: Layout,
+) -> Result<(), KernelError> {
     let rows = layout.rows();
     let dims = layout.dims();
     if layout.classes == 0 {
         return Err(KernelError::Inconsistent("no classes"));
     }
+    if !p.logits.consistent() {
+        return Err(KernelError::Inconsistent("buffer length"));
+    }
     match p.labels {
-        Labels::Dense(y) if y.dim() != dims => {
+        Labels::Dense(y) if y.dim() != dims || !y.consistent() => {
             return Err(KernelError::Inconsistent("labels shape"));
         }
         Labels::Sparse(ids) if ids.len() != rows => {

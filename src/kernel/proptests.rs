@@ -276,6 +276,27 @@ struct Typed<'c, T> {
     labels: TypedLabels<T>,
 }
 
+/// How a call reads its float inputs and which gradients it asks for.
+#[derive(Clone, Copy, Debug)]
+struct How {
+    /// Logits and dense labels as little-endian bytes at these byte offsets past an aligned
+    /// address, instead of aligned views.
+    misaligned: Option<(usize, usize)>,
+    grad_logits: bool,
+    /// Asked for only with dense labels.
+    grad_labels: bool,
+}
+
+impl Default for How {
+    fn default() -> Self {
+        How {
+            misaligned: None,
+            grad_logits: true,
+            grad_labels: true,
+        }
+    }
+}
+
 /// What the kernel returned.
 struct KernelOut<T> {
     loss: Loss,
@@ -321,15 +342,42 @@ impl<'c, T: Element> Typed<'c, T> {
 
     /// Runs the kernel on the outer slabs `outer` of the problem (all of it for `None`).
     fn run(&self, outer: Option<usize>) -> KernelOut<T> {
+        self.run_with(outer, How::default())
+    }
+
+    /// [`Typed::run`], reading the inputs and asking for gradients as `how` says.
+    fn run_with(&self, outer: Option<usize>, how: How) -> KernelOut<T> {
+        use super::input::testing::Misaligned;
         let full = self.case.layout();
         let layout = Layout {
             outer: outer.unwrap_or(full.outer),
             ..full
         };
         let (elements, rows) = (layout.elements(), layout.rows());
-        let logits = view3(&self.logits[..elements], layout).unwrap();
+        let misaligned = how.misaligned.map(|(ox, oy)| {
+            let y = match &self.labels {
+                TypedLabels::Dense(y) => Misaligned::new(&y[..elements], oy),
+                _ => Misaligned::new::<T>(&[], oy),
+            };
+            (Misaligned::new(&self.logits[..elements], ox), y)
+        });
+        fn input<'a, T: Element>(v: &'a [T], m: Option<&'a Misaligned>, l: Layout) -> Input<'a, T> {
+            match m {
+                Some(m) => Input::new(m.elems(), l).unwrap(),
+                None => view3(v, l).unwrap().into(),
+            }
+        }
+        let logits = input(
+            &self.logits[..elements],
+            misaligned.as_ref().map(|m| &m.0),
+            layout,
+        );
         let labels = match &self.labels {
-            TypedLabels::Dense(y) => Labels::Dense(view3(&y[..elements], layout).unwrap()),
+            TypedLabels::Dense(y) => Labels::Dense(input(
+                &y[..elements],
+                misaligned.as_ref().map(|m| &m.1),
+                layout,
+            )),
             TypedLabels::I32(ids) => Labels::Sparse(ClassIds::I32(&ids[..rows])),
             TypedLabels::I64(ids) => Labels::Sparse(ClassIds::I64(&ids[..rows])),
         };
@@ -348,10 +396,15 @@ impl<'c, T: Element> Typed<'c, T> {
         };
         // Fill with a value the kernel must overwrite everywhere.
         let mut grad_logits = vec![T::from_f64(12345.0); elements];
-        let mut grad_labels =
-            matches!(self.labels, TypedLabels::Dense(_)).then(|| grad_logits.clone());
+        let mut grad_labels = (how.grad_labels && matches!(self.labels, TypedLabels::Dense(_)))
+            .then(|| grad_logits.clone());
+        if !how.grad_logits {
+            grad_logits.clear();
+        }
         let grads = Grads {
-            logits: Some(view3_mut(&mut grad_logits, layout).unwrap()),
+            logits: how
+                .grad_logits
+                .then(|| view3_mut(&mut grad_logits, layout).unwrap()),
             labels: grad_labels.as_mut().map(|g| view3_mut(g, layout).unwrap()),
         };
         let (loss, health) =
@@ -723,7 +776,20 @@ fn large_case(
     weighted: bool,
     seed: u64,
 ) -> Case {
-    let outer = 80_000usize.div_ceil(classes * inner) + 3;
+    sized_case(80_000, classes, inner, sparse, options, weighted, seed)
+}
+
+/// A problem of `(outer, C, inner)` with 3 outer slabs more than `elements` needs.
+fn sized_case(
+    elements: usize,
+    classes: usize,
+    inner: usize,
+    sparse: bool,
+    options: Options,
+    weighted: bool,
+    seed: u64,
+) -> Case {
+    let outer = elements.div_ceil(classes * inner) + 3;
     let shape = vec![outer, classes, inner];
     let (elements, rows) = (outer * classes * inner, outer * inner);
     let mut next = stream(seed);
@@ -851,6 +917,199 @@ proptest! {
                 DType::F32 => check_batch_independence::<f32>(&case, outer)?,
                 _ => check_batch_independence::<f64>(&case, outer)?,
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unaligned inputs
+
+fn loss_bits(l: &Loss) -> Vec<u64> {
+    match l {
+        Loss::PerExample(v) => v.iter().map(|x| x.to_bits()).collect(),
+        Loss::Reduced(x) => vec![x.to_bits()],
+    }
+}
+
+/// Whether the kernel's vector fast path takes `case` (what `fast_inputs` admits).
+fn takes_fast_path<T: Element>(case: &Case, how: How) -> bool {
+    let dense = matches!(case.labels, GenLabels::Dense(_));
+    simd::Level::current() != simd::Level::General
+        && case.layout().inner == 1
+        && case.options.from_logits
+        && case.class_weights.is_none()
+        && !(dense && how.grad_labels)
+        && T::DTYPE != DType::F64
+}
+
+/// The first `outer` slabs of `case` (all for `None`) with the float inputs read from
+/// misaligned bytes as `how` says, against the same call on aligned views: bit-identical losses,
+/// gradients and health. Where the fast path runs, no full-size copy of an input is made; the
+/// general path copies each misaligned input once.
+fn check_unaligned<T: Element>(
+    case: &Case,
+    outer: Option<usize>,
+    how: How,
+) -> Result<(), TestCaseError> {
+    let typed = Typed::<T>::new(case);
+    let aligned = typed.run_with(
+        outer,
+        How {
+            misaligned: None,
+            ..how
+        },
+    );
+    let before = copies::bytes();
+    let unaligned = typed.run_with(outer, how);
+    let copied = copies::bytes() - before;
+    prop_assert_eq!(loss_bits(&aligned.loss), loss_bits(&unaligned.loss), "loss");
+    prop_assert_eq!(aligned.health, unaligned.health, "health");
+    prop_assert!(
+        bits(&aligned.grad_logits) == bits(&unaligned.grad_logits),
+        "grad_logits differ"
+    );
+    prop_assert!(
+        aligned.grad_labels.as_deref().map(bits) == unaligned.grad_labels.as_deref().map(bits),
+        "grad_labels differ"
+    );
+    let layout = Layout {
+        outer: outer.unwrap_or(case.layout().outer),
+        ..case.layout()
+    };
+    let (ox, oy) = how.misaligned.expect("a misaligned run");
+    let dense = matches!(case.labels, GenLabels::Dense(_));
+    let size = |offset: usize, present: bool| {
+        let misaligned = !offset.is_multiple_of(align_of::<T>());
+        if present && misaligned {
+            layout.elements() * size_of::<T>()
+        } else {
+            0
+        }
+    };
+    let want = if takes_fast_path::<T>(case, how) {
+        0
+    } else {
+        size(ox, true) + size(oy, dense)
+    };
+    prop_assert_eq!(copied, want, "bytes copied");
+    Ok(())
+}
+
+/// Puts a `-inf`, a `+inf` and a NaN among the logits and a NaN among dense labels, in
+/// different rows, for the health report's non-finite scans.
+fn poison(case: &mut Case) {
+    let c = case.layout().classes;
+    let n = case.logits.len();
+    for (at, v) in [
+        (3, f64::NEG_INFINITY),
+        (c + 5, f64::INFINITY),
+        (2 * c + c / 2, f64::NAN),
+    ] {
+        if at < n {
+            case.logits[at] = v;
+        }
+    }
+    if let GenLabels::Dense(y) = &mut case.labels
+        && 3 * c + 1 < n
+    {
+        y[3 * c + 1] = f64::NAN;
+    }
+}
+
+/// Every combination that matters, on a few rows: logits and dense labels at byte offsets 1,
+/// 2 and 3, float32, float16 and bfloat16, dense labels and class ids, with and without
+/// gradients and label smoothing, rows shorter and longer than a block (with tails that are
+/// not a whole vector), on the fast path and on the general one (class weights, class axis
+/// not last, float64), with non-finite values.
+#[test]
+fn unaligned_inputs_give_the_bits_of_aligned_ones() {
+    let wants = [(false, false), (true, false), (true, true)];
+    for classes in [17usize, 1000, 1025, 3000] {
+        for sparse in [false, true] {
+            for label_smoothing in [0.0, 0.1] {
+                for (weighted, inner) in [(false, 1), (true, 1), (false, 3)] {
+                    let options = Options {
+                        axis: 1,
+                        label_smoothing,
+                        z_loss: 1e-4,
+                        ..Options::default()
+                    };
+                    // Four outer slabs: rows enough for every poisoned row.
+                    let mut case = sized_case(1, classes, inner, sparse, options, weighted, 7);
+                    poison(&mut case);
+                    let outer = None;
+                    for offset in 1..=3 {
+                        for (grad_logits, grad_labels) in wants {
+                            let how = How {
+                                misaligned: Some((offset, 4 - offset)),
+                                grad_logits,
+                                grad_labels,
+                            };
+                            let what = format!(
+                                "C {classes}, sparse {sparse}, smoothing {label_smoothing}, \
+                                 weighted {weighted}, inner {inner}, {how:?}"
+                            );
+                            let run = || -> Result<(), TestCaseError> {
+                                check_unaligned::<f32>(&case, outer, how)?;
+                                check_unaligned::<f16>(&case, outer, how)?;
+                                check_unaligned::<bf16>(&case, outer, how)?;
+                                if offset == 1 {
+                                    check_unaligned::<f64>(&case, outer, how)?;
+                                }
+                                Ok(())
+                            };
+                            if let Err(e) = run() {
+                                panic!("{what}: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(12))]
+    /// Misaligned inputs against aligned ones on whole problems of several parallel blocks.
+    #[test]
+    fn unaligned_inputs_are_bit_identical_to_aligned_ones(
+        dtype in select(vec![DType::F16, DType::BF16, DType::F32, DType::F64]),
+        classes in select(vec![1usize, 3, 16, 17, 1000, 1024, 1025, 5000]),
+        inner in select(vec![1usize, 1, 3]),
+        sparse in any::<bool>(),
+        weighted in prop::bool::weighted(0.25),
+        options in (
+            prop_oneof![Just(0.0), 0.0..=1.0],
+            prop_oneof![Just(0.0), 0.0..0.1],
+            select(Reduction::ALL.to_vec()),
+            prop::bool::weighted(0.8),
+            any::<bool>(),
+        ),
+        offsets in (1..=3usize, 0..=3usize),
+        grads in (any::<bool>(), any::<bool>()),
+        poisoned in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let (label_smoothing, z_loss, reduction, from_logits, ignore) = options;
+        let options = Options {
+            axis: 1,
+            label_smoothing,
+            ignore_index: (sparse && ignore).then_some(-100),
+            from_logits,
+            z_loss: if from_logits { z_loss } else { 0.0 },
+            reduction,
+        };
+        let mut case = large_case(classes, inner, sparse, options, weighted, seed);
+        if poisoned {
+            poison(&mut case);
+        }
+        let how = How { misaligned: Some(offsets), grad_logits: grads.0, grad_labels: grads.1 };
+        match dtype {
+            DType::F16 => check_unaligned::<f16>(&case, None, how)?,
+            DType::BF16 => check_unaligned::<bf16>(&case, None, how)?,
+            DType::F32 => check_unaligned::<f32>(&case, None, how)?,
+            _ => check_unaligned::<f64>(&case, None, how)?,
         }
     }
 }

@@ -9,8 +9,8 @@ fn dense<'a>(x: &'a [f64], y: &'a [f64], c: usize) -> Problem<'a, f64> {
         inner: 1,
     };
     Problem {
-        logits: view3(x, l).unwrap(),
-        labels: Labels::Dense(view3(y, l).unwrap()),
+        logits: view3(x, l).unwrap().into(),
+        labels: Labels::Dense(view3(y, l).unwrap().into()),
         options: Options::default(),
         class_weights: None,
         sample_weights: None,
@@ -113,7 +113,7 @@ fn results_do_not_depend_on_the_thread_count() {
     };
     options.z_loss = 1e-4;
     let p = Problem {
-        logits: view3(&x, l).unwrap(),
+        logits: view3(&x, l).unwrap().into(),
         labels: Labels::Sparse(ClassIds::I32(&ids)),
         options,
         class_weights: None,
@@ -157,9 +157,9 @@ fn health_f32(x: &[f32], y: Option<&[f32]>, ids: &[i32], c: usize, weighted: boo
     };
     let ones = vec![1.0; c];
     let p = Problem {
-        logits: view3(x, l).unwrap(),
+        logits: view3(x, l).unwrap().into(),
         labels: match y {
-            Some(y) => Labels::Dense(view3(y, l).unwrap()),
+            Some(y) => Labels::Dense(view3(y, l).unwrap().into()),
             None => Labels::Sparse(ClassIds::I32(ids)),
         },
         options: Options::default(),

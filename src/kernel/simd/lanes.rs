@@ -28,6 +28,8 @@ pub trait Simd: Copy {
     fn splat(self, x: f32) -> Self::V;
     /// Loads 16 values.
     fn load(self, x: &[f32; W]) -> Self::V;
+    /// Loads 16 values from their little-endian bytes, at any alignment.
+    fn load_le(self, x: &[u8; 4 * W]) -> Self::V;
     /// Stores 16 values.
     fn store(self, v: Self::V, out: &mut [f32; W]);
     /// `a + b`.
@@ -82,6 +84,14 @@ impl Simd for Portable {
     #[inline(always)]
     fn load(self, x: &[f32; W]) -> [f32; W] {
         *x
+    }
+    #[inline(always)]
+    fn load_le(self, x: &[u8; 4 * W]) -> [f32; W] {
+        let mut out = [0.0; W];
+        for (o, b) in out.iter_mut().zip(x.chunks_exact(4)) {
+            *o = f32::from_le_bytes(b.try_into().unwrap());
+        }
+        out
     }
     #[inline(always)]
     fn store(self, v: [f32; W], out: &mut [f32; W]) {
@@ -164,6 +174,15 @@ mod x86 {
                     _mm256_loadu_ps(x.as_ptr()),
                     _mm256_loadu_ps(x.as_ptr().add(8)),
                 ]
+            }
+        }
+        #[inline(always)]
+        fn load_le(self, x: &[u8; 4 * W]) -> [__m256; 2] {
+            // SAFETY: see the impl; `x` holds 16 little-endian `f32`s (x86-64 is little-endian)
+            // and `loadu` takes any alignment.
+            unsafe {
+                let p = x.as_ptr().cast::<f32>();
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
             }
         }
         #[inline(always)]
@@ -266,6 +285,12 @@ mod x86 {
         fn load(self, x: &[f32; W]) -> __m512 {
             // SAFETY: see the impl; `x` holds 16 `f32`s.
             unsafe { _mm512_loadu_ps(x.as_ptr()) }
+        }
+        #[inline(always)]
+        fn load_le(self, x: &[u8; 4 * W]) -> __m512 {
+            // SAFETY: see the impl; `x` holds 16 little-endian `f32`s (x86-64 is little-endian)
+            // and `loadu` takes any alignment.
+            unsafe { _mm512_loadu_ps(x.as_ptr().cast::<f32>()) }
         }
         #[inline(always)]
         fn store(self, v: __m512, out: &mut [f32; W]) {

@@ -26,7 +26,18 @@
 //!   scratch block, so only for rows of one block; longer half rows compute them twice.
 //! - **Sums whose error does not grow with `C`**: `f32` lanes within a block, `f64` across
 //!   blocks.
-//! - Halves are widened one block at a time into a stack buffer (no per-row allocation).
+//! - **Unaligned `f32` is read where it lies.** A raw tensor reaches the kernel as the bytes
+//!   received (its offset in the gRPC message is whatever the framing made it, so three times
+//!   in four it is not 4-byte aligned). The lane loops read their values through
+//!   [`row`]'s `Lanes`: an `f32` slice, or little-endian bytes loaded with unaligned vector
+//!   loads ([`lanes::Simd::load_le`]), and single elements with unaligned scalar loads. The
+//!   same values land in the same lanes, so aligned and unaligned inputs give the same bits
+//!   (tested at every level, logits and labels unaligned together and each alone). The body is
+//!   compiled for each mix of slice and bytes (four per level for `f32`). Copying each block
+//!   of bytes into the scratch block instead (one loop body) ran dense 16x128256 at 0.65 of
+//!   the aligned speed, against 0.82 with unaligned loads (BENCHMARKS.md).
+//! - Halves are widened one block at a time into a scratch block made once per block of rows
+//!   (no per-row allocation), from a slice or from bytes at any alignment alike.
 //!
 //! `XENT_KERNEL_LEVEL` (`general`, `portable`, `avx2`, `avx512`) caps the level, for
 //! benchmarks and for the instruction-count guard (`scripts/kernel-guard`); `general` turns the

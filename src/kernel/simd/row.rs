@@ -6,6 +6,7 @@
 
 use half::{bf16, f16};
 
+use super::super::input::{Elems, LeBytes};
 use super::Level;
 use super::exp::{W, exp, exp1};
 #[cfg(target_arch = "x86_64")]
@@ -15,12 +16,13 @@ use super::lanes::{Portable, Simd};
 /// Elements per block: 4 KiB of `f32`, read twice from L1 in the statistics pass.
 pub const BLOCK: usize = 1024;
 
-/// The labels of a fast row.
-pub enum FastLabels<'a, T> {
+/// The labels of a fast row, dense ones read as `Y`.
+#[derive(Clone, Copy)]
+pub enum FastLabels<Y> {
     /// A dense label row.
     Dense {
         /// The given labels.
-        y: &'a [T],
+        y: Y,
         /// `1 - eps`.
         keep: f64,
         /// `eps / C`.
@@ -35,6 +37,21 @@ pub enum FastLabels<'a, T> {
         /// `eps / C`.
         add: f64,
     },
+}
+
+impl<Y> FastLabels<Y> {
+    /// The same labels with dense ones read as `Z`.
+    #[inline(always)]
+    fn map<Z>(&self, f: impl FnOnce(&Y) -> Z) -> FastLabels<Z> {
+        match self {
+            FastLabels::Dense { y, keep, add } => FastLabels::Dense {
+                y: f(y),
+                keep: *keep,
+                add: *add,
+            },
+            &FastLabels::Sparse { target, keep, add } => FastLabels::Sparse { target, keep, add },
+        }
+    }
 }
 
 /// Per-task buffers for widening halves and narrowing gradients: made once per block of rows
@@ -60,9 +77,18 @@ impl Scratch {
 }
 
 /// Element types the fast path computes in `f32`.
-pub trait FastElem: Copy {
-    /// The block `src` as `f32`, widened into `buf` unless it already is `f32`.
-    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32; BLOCK]) -> &'a [f32];
+pub trait FastElem: bytemuck::Pod {
+    /// Computes the row on the instruction set of `level`, each input read as it reads best:
+    /// `f32` as a slice where aligned and as bytes where not, halves widened block by block.
+    fn route(
+        level: Level,
+        scratch: &mut Scratch,
+        x: Elems<'_, Self>,
+        labels: &FastLabels<Elems<'_, Self>>,
+        z_loss: f64,
+        grad: Option<&mut [Self]>,
+        scale: f64,
+    ) -> FastRow;
     /// An `f32` view of `dst` to write the block's results into: `dst` itself, or for halves
     /// `buf`, which [`FastElem::narrow_from`] then rounds into `dst`.
     fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32];
@@ -88,9 +114,49 @@ pub struct FastRow {
 }
 
 impl FastElem for f32 {
+    /// Aligned elements are read as slices, unaligned ones as bytes with unaligned vector
+    /// loads; logits and dense labels independently (each is aligned or not on its own).
     #[inline(always)]
-    fn widen<'a>(src: &'a [f32], _buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
-        src
+    fn route(
+        level: Level,
+        sc: &mut Scratch,
+        x: Elems<'_, f32>,
+        labels: &FastLabels<Elems<'_, f32>>,
+        z: f64,
+        grad: Option<&mut [f32]>,
+        scale: f64,
+    ) -> FastRow {
+        let dense = match labels {
+            FastLabels::Dense { y, .. } => Some(*y),
+            FastLabels::Sparse { .. } => None,
+        };
+        fn bytes<'a>(y: &Elems<'a, f32>) -> LeBytes<'a, f32> {
+            match y {
+                Elems::Le(b) => *b,
+                Elems::Slice(_) => unreachable!("matched as bytes"),
+            }
+        }
+        fn slice<'a>(y: &Elems<'a, f32>) -> &'a [f32] {
+            match y {
+                Elems::Slice(s) => s,
+                Elems::Le(_) => unreachable!("matched as a slice"),
+            }
+        }
+        // Class ids read no label row: they take the logits' representation.
+        match (x, dense) {
+            (Elems::Slice(x), None | Some(Elems::Slice(_))) => {
+                run_level(level, sc, x, &labels.map(slice), z, grad, scale)
+            }
+            (Elems::Le(x), None | Some(Elems::Le(_))) => {
+                run_level(level, sc, x, &labels.map(bytes), z, grad, scale)
+            }
+            (Elems::Slice(x), Some(Elems::Le(_))) => {
+                run_level(level, sc, x, &labels.map(bytes), z, grad, scale)
+            }
+            (Elems::Le(x), Some(Elems::Slice(_))) => {
+                run_level(level, sc, x, &labels.map(slice), z, grad, scale)
+            }
+        }
     }
     #[inline(always)]
     fn out_view<'a>(dst: &'a mut [f32], _buf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
@@ -115,13 +181,18 @@ impl FastElem for f32 {
 macro_rules! half_elem {
     ($t:ty) => {
         impl FastElem for $t {
+            /// Halves are widened into the scratch block whatever their alignment: one body.
             #[inline(always)]
-            fn widen<'a>(src: &'a [$t], buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
-                let out = &mut buf[..src.len()];
-                for (o, v) in out.iter_mut().zip(src) {
-                    *o = v.to_f32();
-                }
-                out
+            fn route(
+                level: Level,
+                sc: &mut Scratch,
+                x: Elems<'_, $t>,
+                labels: &FastLabels<Elems<'_, $t>>,
+                z: f64,
+                grad: Option<&mut [$t]>,
+                scale: f64,
+            ) -> FastRow {
+                run_level(level, sc, x, labels, z, grad, scale)
             }
             #[inline(always)]
             fn out_view<'a>(dst: &'a mut [$t], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
@@ -151,18 +222,178 @@ macro_rules! half_elem {
 half_elem!(f16);
 half_elem!(bf16);
 
+/// `f32` values as the lane loops read them: an `f32` slice, or little-endian bytes at any
+/// alignment ([`LeF32`]).
+trait Lanes: Copy {
+    /// Number of values.
+    fn len(self) -> usize;
+    /// The [`W`] values at `i`.
+    fn load<S: Simd>(self, s: S, i: usize) -> S::V;
+    /// Copies the values at `i` into `out`.
+    fn copy_to(self, i: usize, out: &mut [f32]);
+    /// Value `j`.
+    fn at(self, j: usize) -> f32;
+}
+
+impl Lanes for &[f32] {
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f32]>::len(self)
+    }
+    #[inline(always)]
+    fn load<S: Simd>(self, s: S, i: usize) -> S::V {
+        s.load(self[i..i + W].try_into().unwrap())
+    }
+    #[inline(always)]
+    fn copy_to(self, i: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self[i..i + out.len()]);
+    }
+    #[inline(always)]
+    fn at(self, j: usize) -> f32 {
+        self[j]
+    }
+}
+
+/// Little-endian `f32` bytes at any alignment, read with unaligned vector loads.
+#[derive(Clone, Copy)]
+struct LeF32<'a>(&'a [u8]);
+
+impl Lanes for LeF32<'_> {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.0.len() / 4
+    }
+    #[inline(always)]
+    fn load<S: Simd>(self, s: S, i: usize) -> S::V {
+        s.load_le(self.0[4 * i..4 * (i + W)].try_into().unwrap())
+    }
+    #[inline(always)]
+    fn copy_to(self, i: usize, out: &mut [f32]) {
+        for (o, b) in out.iter_mut().zip(self.0[4 * i..].chunks_exact(4)) {
+            *o = f32::from_le_bytes(b.try_into().unwrap());
+        }
+    }
+    #[inline(always)]
+    fn at(self, j: usize) -> f32 {
+        f32::from_le_bytes(self.0[4 * j..4 * j + 4].try_into().unwrap())
+    }
+}
+
+/// A row of logits or dense labels as the fast path reads it: each block as [`Lanes`], read
+/// in place (`f32`, aligned or not) or widened into a scratch block (halves).
+trait RowIn: Copy {
+    /// What the lane loops read a block as.
+    type Block<'b>: Lanes
+    where
+        Self: 'b;
+    /// Number of elements.
+    fn len(self) -> usize;
+    /// Elements `b..e` (at most [`BLOCK`]), in place or widened into `buf`.
+    fn block<'b>(self, b: usize, e: usize, buf: &'b mut [f32; BLOCK]) -> Self::Block<'b>
+    where
+        Self: 'b;
+    /// Element `j` as `f32`.
+    fn at(self, j: usize) -> f32;
+}
+
+impl RowIn for &[f32] {
+    type Block<'b>
+        = &'b [f32]
+    where
+        Self: 'b;
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f32]>::len(self)
+    }
+    #[inline(always)]
+    fn block<'b>(self, b: usize, e: usize, _buf: &'b mut [f32; BLOCK]) -> &'b [f32]
+    where
+        Self: 'b,
+    {
+        &self[b..e]
+    }
+    #[inline(always)]
+    fn at(self, j: usize) -> f32 {
+        self[j]
+    }
+}
+
+impl RowIn for LeBytes<'_, f32> {
+    type Block<'b>
+        = LeF32<'b>
+    where
+        Self: 'b;
+    #[inline(always)]
+    fn len(self) -> usize {
+        LeBytes::len(&self)
+    }
+    #[inline(always)]
+    fn block<'b>(self, b: usize, e: usize, _buf: &'b mut [f32; BLOCK]) -> LeF32<'b>
+    where
+        Self: 'b,
+    {
+        LeF32(self.range(b..e).as_bytes())
+    }
+    #[inline(always)]
+    fn at(self, j: usize) -> f32 {
+        self.get(j)
+    }
+}
+
+macro_rules! half_row {
+    ($t:ty) => {
+        impl RowIn for Elems<'_, $t> {
+            type Block<'b>
+                = &'b [f32]
+            where
+                Self: 'b;
+            #[inline(always)]
+            fn len(self) -> usize {
+                Elems::len(&self)
+            }
+            #[inline(always)]
+            fn block<'b>(self, b: usize, e: usize, buf: &'b mut [f32; BLOCK]) -> &'b [f32]
+            where
+                Self: 'b,
+            {
+                let out = &mut buf[..e - b];
+                match self {
+                    Elems::Slice(s) => {
+                        for (o, v) in out.iter_mut().zip(&s[b..e]) {
+                            *o = v.to_f32();
+                        }
+                    }
+                    Elems::Le(l) => {
+                        for (o, v) in out.iter_mut().zip(l.range(b..e).iter()) {
+                            *o = v.to_f32();
+                        }
+                    }
+                }
+                out
+            }
+            #[inline(always)]
+            fn at(self, j: usize) -> f32 {
+                self.get(j).to_f32()
+            }
+        }
+    };
+}
+half_row!(f16);
+half_row!(bf16);
+
 /// Lane-wise loop over `x` in vectors of [`W`]: full vectors straight from the slice, the tail
 /// (if any) padded with `pad`. `f` has one call site, so it is inlined (its vector operations
 /// compile for the caller's instruction set only when they are).
 #[inline(always)]
-fn for_vectors<S: Simd>(s: S, x: &[f32], pad: f32, mut f: impl FnMut(S::V)) {
-    let full = x.len() / W * W;
+fn for_vectors<S: Simd>(s: S, x: impl Lanes, pad: f32, mut f: impl FnMut(S::V)) {
+    let len = x.len();
+    let full = len / W * W;
     let mut tail = [pad; W];
-    tail[..x.len() - full].copy_from_slice(&x[full..]);
+    x.copy_to(full, &mut tail[..len - full]);
     let mut i = 0;
-    while i < x.len() {
+    while i < len {
         let v = if i < full {
-            s.load(x[i..i + W].try_into().unwrap())
+            x.load(s, i)
         } else {
             s.load(&tail)
         };
@@ -174,12 +405,12 @@ fn for_vectors<S: Simd>(s: S, x: &[f32], pad: f32, mut f: impl FnMut(S::V)) {
 /// The vector of `v` at `i`, of which `n` lanes are real: straight from the slice when all
 /// are, else the rest padded with `pad`.
 #[inline(always)]
-fn load_at<S: Simd>(s: S, v: &[f32], i: usize, n: usize, pad: f32) -> S::V {
+fn load_at<S: Simd>(s: S, v: impl Lanes, i: usize, n: usize, pad: f32) -> S::V {
     if n == W {
-        s.load(v[i..i + W].try_into().unwrap())
+        v.load(s, i)
     } else {
         let mut p = [pad; W];
-        p[..n].copy_from_slice(&v[i..]);
+        v.copy_to(i, &mut p[..n]);
         s.load(&p)
     }
 }
@@ -200,16 +431,17 @@ fn store_at<S: Simd>(s: S, g: S::V, out: &mut [f32], i: usize, n: usize) {
 #[inline(always)]
 fn for_vectors_out<S: Simd>(
     s: S,
-    x: &[f32],
+    x: impl Lanes,
     px: f32,
-    y: Option<&[f32]>,
+    y: Option<impl Lanes>,
     mut out: Option<&mut [f32]>,
     mut f: impl FnMut(S::V, S::V, usize) -> S::V,
 ) {
     let zero = s.splat(0.0);
+    let len = x.len();
     let mut i = 0;
-    while i < x.len() {
-        let n = W.min(x.len() - i);
+    while i < len {
+        let n = W.min(len - i);
         let xv = load_at(s, x, i, n, px);
         let yv = y.map_or(zero, |y| load_at(s, y, i, n, 0.0));
         let g = f(xv, yv, n);
@@ -227,15 +459,15 @@ fn for_vectors_out<S: Simd>(
 fn for_vectors_io<S: Simd>(
     s: S,
     io: &mut [f32],
-    x: Option<(&[f32], f32)>,
-    y: Option<&[f32]>,
+    x: Option<(impl Lanes, f32)>,
+    y: Option<impl Lanes>,
     mut f: impl FnMut(S::V, S::V, S::V, usize) -> S::V,
 ) {
     let zero = s.splat(0.0);
     let mut i = 0;
     while i < io.len() {
         let n = W.min(io.len() - i);
-        let ev = load_at(s, io, i, n, 0.0);
+        let ev = load_at(s, &*io, i, n, 0.0);
         let xv = x.map_or(zero, |(x, pad)| load_at(s, x, i, n, pad));
         let yv = y.map_or(zero, |y| load_at(s, y, i, n, 0.0));
         let g = f(ev, xv, yv, n);
@@ -272,11 +504,11 @@ fn lane_sum(v: &[f64; W]) -> f64 {
 
 /// The unweighted loss of one row, writing `scale * d loss / d x` into `grad` when given.
 #[inline(always)]
-fn body<S: Simd, T: FastElem>(
+fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
     s: S,
     scratch: &mut Scratch,
-    x: &[T],
-    labels: &FastLabels<'_, T>,
+    x: X,
+    labels: &FastLabels<Y>,
     z_loss: f64,
     grad: Option<&mut [T]>,
     scale: f64,
@@ -300,14 +532,14 @@ fn body<S: Simd, T: FastElem>(
     let mut bad = false;
     for b in (0..c).step_by(BLOCK) {
         let e = c.min(b + BLOCK);
-        let xs = T::widen(&x[b..e], xbuf);
+        let xs = x.block(b, e, xbuf);
         let mut mx = s.splat(f32::NEG_INFINITY);
         // A lane sum of the logits: not finite when the block holds a NaN or an infinity (or,
         // harmlessly, when finite logits near f32::MAX overflow it; the exact count below
         // then finds nothing).
         let mut chk = s.splat(0.0);
         // Padded with one of the block's own values: neutral for the max and the check.
-        for_vectors(s, xs, xs[0], |v| {
+        for_vectors(s, xs, xs.at(0), |v| {
             mx = s.max(v, mx);
             chk = s.add(chk, v);
         });
@@ -329,11 +561,18 @@ fn body<S: Simd, T: FastElem>(
             Some(g) if fused => {
                 maxes.push(m);
                 let out = &mut exps_of(g, gbuf)[b..e];
-                for_vectors_out(s, xs, f32::NEG_INFINITY, None, Some(out), |v, _, _| {
-                    let ex = exp(s, s.sub(v, mv));
-                    acc = s.add(acc, ex);
-                    ex
-                });
+                for_vectors_out(
+                    s,
+                    xs,
+                    f32::NEG_INFINITY,
+                    None::<&[f32]>,
+                    Some(out),
+                    |v, _, _| {
+                        let ex = exp(s, s.sub(v, mv));
+                        acc = s.add(acc, ex);
+                        ex
+                    },
+                );
             }
             _ => for_vectors(s, xs, f32::NEG_INFINITY, |v| {
                 acc = s.add(acc, exp(s, s.sub(v, mv)));
@@ -341,7 +580,7 @@ fn body<S: Simd, T: FastElem>(
         }
         add_lanes(s, &mut s64, acc);
         if let FastLabels::Dense { y, .. } = labels {
-            let ys = T::widen(&y[b..e], ybuf);
+            let ys = y.block(b, e, ybuf);
             let mut acc = s.splat(0.0);
             for_vectors(s, ys, 0.0, |v| acc = s.add(acc, v));
             add_lanes(s, &mut y64, acc);
@@ -356,8 +595,8 @@ fn body<S: Simd, T: FastElem>(
     let mut nonfinite = 0u32;
     let mut poisoned = false;
     if bad {
-        for v in x {
-            let v = v.to_f32();
+        for j in 0..c {
+            let v = x.at(j);
             nonfinite += u32::from(!v.is_finite());
             poisoned |= v.is_nan() || v == f32::INFINITY;
         }
@@ -399,11 +638,12 @@ fn body<S: Simd, T: FastElem>(
             let e = c.min(b + BLOCK);
             // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
             let krv = s.splat(k * exp1(maxes[bi] - m));
-            let xs = T::widen(&x[b..e], xbuf);
             let mut acc = s.splat(0.0);
+            // The logits are read again only where the loss needs `x - m`.
             match labels {
                 FastLabels::Dense { y, .. } => {
-                    let ys = T::widen(&y[b..e], ybuf);
+                    let xs = x.block(b, e, xbuf);
+                    let ys = y.block(b, e, ybuf);
                     // Tail lanes are not written back and add y' = 0 (zeroed below).
                     let io = &mut exps[b..e];
                     let xpad = Some((xs, f32::NEG_INFINITY));
@@ -421,10 +661,15 @@ fn body<S: Simd, T: FastElem>(
                 }
                 FastLabels::Sparse { .. } => {
                     let io = &mut exps[b..e];
-                    for_vectors_io(s, io, None, None, |ev, _, _, _| {
-                        s.mul(scv, s.sub(s.mul(ev, krv), addv))
-                    });
+                    for_vectors_io(
+                        s,
+                        io,
+                        None::<(&[f32], f32)>,
+                        None::<&[f32]>,
+                        |ev, _, _, _| s.mul(scv, s.sub(s.mul(ev, krv), addv)),
+                    );
                     if smoothed {
+                        let xs = x.block(b, e, xbuf);
                         // Padding with m adds d = 0.
                         for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
                     }
@@ -436,7 +681,7 @@ fn body<S: Simd, T: FastElem>(
         let a = match *labels {
             FastLabels::Dense { .. } => lane_sum(&a64),
             FastLabels::Sparse { target, .. } => {
-                let dt = x_at(x, target, xbuf) - m;
+                let dt = x.at(target) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
                 let sum_d = if smoothed { add * lane_sum(&a64) } else { 0.0 };
                 let target_term = if keep == 0.0 {
@@ -459,8 +704,8 @@ fn body<S: Simd, T: FastElem>(
             let mut grad = grad;
             for b in (0..c).step_by(BLOCK) {
                 let e = c.min(b + BLOCK);
-                let xs = T::widen(&x[b..e], xbuf);
-                let ys = T::widen(&y[b..e], ybuf);
+                let xs = x.block(b, e, xbuf);
+                let ys = y.block(b, e, ybuf);
                 let mut acc = s.splat(0.0);
                 let out = grad.as_deref_mut().map(|g| T::out_view(&mut g[b..e], gbuf));
                 // Tail lanes: x = -inf and y' = 0, so they add nothing.
@@ -490,11 +735,11 @@ fn body<S: Simd, T: FastElem>(
             if let Some(g) = grad {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = T::widen(&x[b..e], xbuf);
+                    let xs = x.block(b, e, xbuf);
                     let mut acc = s.splat(0.0);
                     let out = T::out_view(&mut g[b..e], gbuf);
                     // Tail lanes: x = m, so d = 0 adds nothing.
-                    for_vectors_out(s, xs, m, None, Some(out), |v, _, _| {
+                    for_vectors_out(s, xs, m, None::<&[f32]>, Some(out), |v, _, _| {
                         let d = s.sub(v, mv);
                         acc = s.add(acc, d);
                         s.mul(scv, s.sub(s.mul(exp(s, d), kv), addv))
@@ -502,19 +747,19 @@ fn body<S: Simd, T: FastElem>(
                     T::narrow_from(&mut g[b..e], gbuf);
                     add_lanes(s, &mut d64, acc);
                 }
-                let dt = x_at(x, target, xbuf) - m;
+                let dt = x.at(target) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
             } else if smoothed {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = T::widen(&x[b..e], xbuf);
+                    let xs = x.block(b, e, xbuf);
                     let mut acc = s.splat(0.0);
                     // Padding with m adds d = 0.
                     for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
                     add_lanes(s, &mut d64, acc);
                 }
             }
-            let dt = f64::from(x_at(x, target, xbuf) - m);
+            let dt = f64::from(x.at(target) - m);
             let sum_d = if smoothed { add * lane_sum(&d64) } else { 0.0 };
             // A term whose coefficient is 0 contributes 0 even at a -inf logit (0 * log 0 = 0,
             // spec Deviation 4): with smoothing 1 the target's own share is 0.
@@ -529,19 +774,13 @@ fn body<S: Simd, T: FastElem>(
     }
 }
 
-/// `x[j]` as `f32`.
-#[inline(always)]
-fn x_at<T: FastElem>(x: &[T], j: usize, buf: &mut [f32; BLOCK]) -> f32 {
-    T::widen(&x[j..=j], buf)[0]
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn body_avx512<T: FastElem>(
+fn body_avx512<X: RowIn, Y: RowIn, T: FastElem>(
     s: Avx512,
     sc: &mut Scratch,
-    x: &[T],
-    labels: &FastLabels<'_, T>,
+    x: X,
+    labels: &FastLabels<Y>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
@@ -551,11 +790,11 @@ fn body_avx512<T: FastElem>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn body_avx2<T: FastElem>(
+fn body_avx2<X: RowIn, Y: RowIn, T: FastElem>(
     s: Avx2,
     sc: &mut Scratch,
-    x: &[T],
-    labels: &FastLabels<'_, T>,
+    x: X,
+    labels: &FastLabels<Y>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
@@ -564,10 +803,10 @@ fn body_avx2<T: FastElem>(
 }
 
 #[inline(never)]
-fn body_portable<T: FastElem>(
+fn body_portable<X: RowIn, Y: RowIn, T: FastElem>(
     sc: &mut Scratch,
-    x: &[T],
-    labels: &FastLabels<'_, T>,
+    x: X,
+    labels: &FastLabels<Y>,
     z: f64,
     grad: Option<&mut [T]>,
     scale: f64,
@@ -577,12 +816,27 @@ fn body_portable<T: FastElem>(
 
 /// The unweighted loss of one contiguous row of logits, writing `scale * d loss / d x` into
 /// `grad` when given, on the instruction set of `level` (capped at [`Level::detected`];
-/// [`Level::General`] is treated as portable).
+/// [`Level::General`] is treated as portable). Logits and dense labels are read in place,
+/// aligned or not.
 pub fn fast_row<T: FastElem>(
     level: Level,
     scratch: &mut Scratch,
-    x: &[T],
-    labels: &FastLabels<'_, T>,
+    x: Elems<'_, T>,
+    labels: &FastLabels<Elems<'_, T>>,
+    z_loss: f64,
+    grad: Option<&mut [T]>,
+    scale: f64,
+) -> FastRow {
+    T::route(level, scratch, x, labels, z_loss, grad, scale)
+}
+
+/// [`body`] on the instruction set of `level`, capped as [`fast_row`] says.
+#[inline(always)]
+fn run_level<X: RowIn, Y: RowIn, T: FastElem>(
+    level: Level,
+    scratch: &mut Scratch,
+    x: X,
+    labels: &FastLabels<Y>,
     z_loss: f64,
     grad: Option<&mut [T]>,
     scale: f64,
@@ -627,7 +881,7 @@ mod tests {
             let (x, y) = row(c);
             let labels = [
                 FastLabels::Dense {
-                    y: &y[..],
+                    y: Elems::Slice(&y),
                     keep: 0.9,
                     add: 0.1 / c as f64,
                 },
@@ -646,8 +900,16 @@ mod tests {
                 let mut first: Option<(u64, Vec<u32>)> = None;
                 for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                     let mut g = vec![0.0f32; c];
-                    let loss =
-                        fast_row(level, &mut Scratch::new(), &x, lab, 1e-4, Some(&mut g), 0.5).loss;
+                    let loss = fast_row(
+                        level,
+                        &mut Scratch::new(),
+                        Elems::Slice(&x),
+                        lab,
+                        1e-4,
+                        Some(&mut g),
+                        0.5,
+                    )
+                    .loss;
                     let bits = (
                         loss.to_bits(),
                         g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -659,6 +921,98 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Unaligned little-endian bytes give the bits of aligned elements, at every level, for
+    /// every element type, with and without a gradient, rows shorter and longer than a block
+    /// and with tails that are not a whole vector, and with non-finite logits.
+    #[test]
+    fn unaligned_bytes_give_the_bits_of_aligned_elements_at_every_level() {
+        use super::super::super::input::testing::Misaligned;
+        /// Dense labels and class ids, each without and with label smoothing.
+        fn four_labels<T: FastElem>(y: Elems<'_, T>, c: usize) -> [FastLabels<Elems<'_, T>>; 4] {
+            let (keep, add) = (0.9, 0.1 / c as f64);
+            [
+                FastLabels::Dense {
+                    y,
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Dense { y, keep, add },
+                FastLabels::Sparse {
+                    target: c / 2,
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Sparse {
+                    target: c - 1,
+                    keep,
+                    add,
+                },
+            ]
+        }
+        fn check<T: FastElem>() {
+            for c in [1usize, 15, 16, 17, 1000, 1024, 1025, 2049, 5000] {
+                let (x32, y32) = row(c);
+                for poison in [None, Some(f32::NEG_INFINITY), Some(f32::NAN)] {
+                    let mut x: Vec<T> = x32.iter().map(|&v| T::from_f32(v)).collect();
+                    if let Some(p) = poison {
+                        x[c / 3] = T::from_f32(p);
+                    }
+                    let y: Vec<T> = y32.iter().map(|&v| T::from_f32(v)).collect();
+                    for offset in 1..=3 {
+                        let (xm, ym) =
+                            (Misaligned::new(&x, offset), Misaligned::new(&y, 4 - offset));
+                        let aligned = four_labels(Elems::Slice(&y), c);
+                        let unaligned = four_labels(ym.elems(), c);
+                        for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                            for (la, lu) in aligned.iter().zip(&unaligned) {
+                                for with_grad in [false, true] {
+                                    let run = |x: Elems<'_, T>, lab: &FastLabels<Elems<'_, T>>| {
+                                        let mut g = vec![T::from_f32(7.0); c];
+                                        let grad = with_grad.then_some(&mut g[..]);
+                                        let out = fast_row(
+                                            level,
+                                            &mut Scratch::new(),
+                                            x,
+                                            lab,
+                                            1e-4,
+                                            grad,
+                                            0.5,
+                                        );
+                                        let bits: Vec<u32> =
+                                            g.iter().map(|v| v.to_f32().to_bits()).collect();
+                                        (
+                                            out.loss.to_bits(),
+                                            out.nonfinite,
+                                            out.label_sum.to_bits(),
+                                            bits,
+                                        )
+                                    };
+                                    let want = run(Elems::Slice(&x), la);
+                                    // Both unaligned, and each alone (mixed representations).
+                                    for (which, x, lab) in [
+                                        ("both", xm.elems(), lu),
+                                        ("logits", xm.elems(), la),
+                                        ("labels", Elems::Slice(&x), lu),
+                                    ] {
+                                        assert_eq!(
+                                            want,
+                                            run(x, lab),
+                                            "C = {c}, offset {offset}, {level:?}, poison \
+                                             {poison:?}, grad {with_grad}, unaligned {which}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>();
+        check::<f16>();
+        check::<bf16>();
     }
 
     /// Rows whose maximum rises block after block (and far: later exponentials rescale the
@@ -681,7 +1035,15 @@ mod tests {
             };
             for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                 let mut g = vec![0.0f32; c];
-                let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, Some(&mut g), 1.0);
+                let loss = fast_row(
+                    level,
+                    &mut Scratch::new(),
+                    Elems::Slice(&x),
+                    &lab,
+                    0.0,
+                    Some(&mut g),
+                    1.0,
+                );
                 let want = m + sum.ln() - f64::from(x[target]);
                 assert!(
                     (loss.loss - want).abs() <= 3e-5 * want.abs(),
@@ -708,7 +1070,16 @@ mod tests {
             add: 0.5,
         };
         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
-            let loss = fast_row(level, &mut Scratch::new(), &x, &lab, 0.0, None, 1.0).loss;
+            let loss = fast_row(
+                level,
+                &mut Scratch::new(),
+                Elems::Slice(&x),
+                &lab,
+                0.0,
+                None,
+                1.0,
+            )
+            .loss;
             assert_eq!(loss, f64::INFINITY, "{level:?}");
         }
     }
@@ -726,7 +1097,7 @@ mod tests {
         let loss = fast_row(
             Level::detected(),
             &mut Scratch::new(),
-            &x,
+            Elems::Slice(&x),
             &sparse,
             0.0,
             Some(&mut g),
@@ -739,7 +1110,7 @@ mod tests {
             fast_row(
                 Level::detected(),
                 &mut Scratch::new(),
-                &x,
+                Elems::Slice(&x),
                 &sparse,
                 0.0,
                 Some(&mut g),
@@ -754,7 +1125,7 @@ mod tests {
             fast_row(
                 Level::detected(),
                 &mut Scratch::new(),
-                &x,
+                Elems::Slice(&x),
                 &sparse,
                 0.0,
                 None,
@@ -769,7 +1140,7 @@ mod tests {
             fast_row(
                 Level::detected(),
                 &mut Scratch::new(),
-                &x,
+                Elems::Slice(&x),
                 &sparse,
                 0.0,
                 None,

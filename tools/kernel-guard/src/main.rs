@@ -28,10 +28,10 @@ fn main() {
             let labels = if sparse {
                 Labels::Sparse(ClassIds::I32(&ids))
             } else {
-                Labels::Dense(kernel::view3(&y, layout).unwrap())
+                Labels::Dense(kernel::view3(&y, layout).unwrap().into())
             };
             let p = Problem {
-                logits: kernel::view3(&x, layout).unwrap(),
+                logits: kernel::view3(&x, layout).unwrap().into(),
                 labels,
                 options: Options { reduction: kernel::Reduction::Sum, ..Options::default() },
                 class_weights: None,
