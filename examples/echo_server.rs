@@ -1,6 +1,7 @@
 //! The transport ceiling for service benchmarks: `xent.v1.Xent` on the same tonic stack and
 //! message limits as xentd, answering each request with as many bytes as a real answer has
-//! (the logits' bytes as `grad_logits`, zeros as `loss`) without computing anything.
+//! (the logits' bytes as `grad_logits`, zeros as `loss`) without computing anything, with
+//! xentd's allocator.
 //!
 //! `cargo run --release --example echo_server -- 127.0.0.1:50052`
 
@@ -11,6 +12,10 @@ use tonic::{Request, Response, Status, Streaming};
 use xent::config::Settings;
 use xent::proto::xent_server::{Xent, XentServer};
 use xent::proto::{self, EvaluateRequest, EvaluateResponse};
+
+/// The allocator xentd uses, so the ceiling differs from xentd only in the work it skips.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Clone, Copy)]
 struct Echo;
