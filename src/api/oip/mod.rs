@@ -156,12 +156,15 @@ pub fn model(name: &str, version: &str) -> Result<LossKind, Error> {
     Ok(kind)
 }
 
-/// `ModelMetadata` of a model. A tensor whose datatype may be one of several lists them
-/// separated by `|` (the protocol has one string per tensor); `-1` is a dimension of any
-/// length. Shapes are those of logits of rank 2 with the class axis last, the common case;
-/// any rank >= 1 and any class axis are accepted (parameter `axis`).
+/// `ModelMetadata` of a model. The protocol has one datatype string per tensor, and tools
+/// generate inputs from it (perf_analyzer, KServe clients), so each tensor gets one standard
+/// name: `FP32` for floats and `INT64` for class ids, the types most callers send. Every input
+/// also takes the others (FP16, BF16, FP64; INT32), and outputs follow the logits' type.
+/// `-1` is a dimension of any length. Shapes are those of logits of rank 2 with the class
+/// axis last, the common case; any rank >= 1 and any class axis are accepted (parameter
+/// `axis`).
 pub fn metadata(model: LossKind) -> ModelMetadataResponse {
-    const FLOATS: &str = "FP16|BF16|FP32|FP64";
+    const FLOATS: &str = "FP32";
     let t = |name: &str, datatype: &str, shape: &[i64]| TensorMetadata {
         name: name.into(),
         datatype: datatype.into(),
@@ -169,7 +172,7 @@ pub fn metadata(model: LossKind) -> ModelMetadataResponse {
     };
     let labels = match model {
         LossKind::Dense => t("labels", FLOATS, &[-1, -1]),
-        LossKind::Sparse => t("labels", "INT32|INT64", &[-1]),
+        LossKind::Sparse => t("labels", "INT64", &[-1]),
     };
     let outputs = OutputName::of(model)
         .iter()
