@@ -549,7 +549,12 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
             .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
         bad |= !s.to_array(chk).iter().all(|v| v.is_finite());
         if bmax > m {
-            let f = (f64::from(m) - f64::from(bmax)).exp();
+            // exp(-inf) is 0: the first block's rescale needs no call into libm.
+            let f = if m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (f64::from(m) - f64::from(bmax)).exp()
+            };
             for s in s64.iter_mut() {
                 *s *= f;
             }
@@ -637,7 +642,12 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
         for (bi, b) in (0..c).step_by(BLOCK).enumerate() {
             let e = c.min(b + BLOCK);
             // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
-            let krv = s.splat(k * exp1(maxes[bi] - m));
+            let rescale = if maxes[bi] == m {
+                1.0
+            } else {
+                exp1(maxes[bi] - m)
+            };
+            let krv = s.splat(k * rescale);
             let mut acc = s.splat(0.0);
             // The logits are read again only where the loss needs `x - m`.
             match labels {
