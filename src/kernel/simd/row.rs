@@ -402,6 +402,35 @@ fn for_vectors<S: Simd>(s: S, x: impl Lanes, pad: f32, mut f: impl FnMut(S::V)) 
     }
 }
 
+/// Lane-wise loop over `x` (tail padded with `px`) and `y` (as long, tail padded with 0)
+/// together. One call site of `f`, as in [`for_vectors`].
+#[inline(always)]
+fn for_vectors2<S: Simd>(
+    s: S,
+    x: impl Lanes,
+    px: f32,
+    y: impl Lanes,
+    mut f: impl FnMut(S::V, S::V),
+) {
+    let len = x.len();
+    assert_eq!(y.len(), len);
+    let full = len / W * W;
+    let mut tx = [px; W];
+    x.copy_to(full, &mut tx[..len - full]);
+    let mut ty = [0.0; W];
+    y.copy_to(full, &mut ty[..len - full]);
+    let mut i = 0;
+    while i < len {
+        let (v, w) = if i < full {
+            (x.load(s, i), y.load(s, i))
+        } else {
+            (s.load(&tx), s.load(&ty))
+        };
+        f(v, w);
+        i += W;
+    }
+}
+
 /// The vector of `v` at `i`, of which `n` lanes are real: straight from the slice when all
 /// are, else the rest padded with `pad`.
 #[inline(always)]
@@ -538,18 +567,35 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
         // harmlessly, when finite logits near f32::MAX overflow it; the exact count below
         // then finds nothing).
         let mut chk = s.splat(0.0);
-        // Padded with one of the block's own values: neutral for the max and the check.
-        for_vectors(s, xs, xs.at(0), |v| {
+        let mut step = |v| {
             mx = s.max(v, mx);
             chk = s.add(chk, v);
-        });
+        };
+        // Padded with one of the block's own values: neutral for the max and the check. Dense
+        // labels are summed in the same sweep (per lane in `f32`, padded with 0).
+        let mut ysum = s.splat(0.0);
+        match labels {
+            FastLabels::Dense { y, .. } => {
+                let ys = y.block(b, e, ybuf);
+                for_vectors2(s, xs, xs.at(0), ys, |v, yv| {
+                    step(v);
+                    ysum = s.add(ysum, yv);
+                });
+            }
+            FastLabels::Sparse { .. } => for_vectors(s, xs, xs.at(0), &mut step),
+        }
         let bmax = s
             .to_array(mx)
             .iter()
             .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
         bad |= !s.to_array(chk).iter().all(|v| v.is_finite());
         if bmax > m {
-            let f = (f64::from(m) - f64::from(bmax)).exp();
+            // exp(-inf) is 0: the first block's rescale needs no call into libm.
+            let f = if m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (f64::from(m) - f64::from(bmax)).exp()
+            };
             for s in s64.iter_mut() {
                 *s *= f;
             }
@@ -579,11 +625,8 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
             }),
         }
         add_lanes(s, &mut s64, acc);
-        if let FastLabels::Dense { y, .. } = labels {
-            let ys = y.block(b, e, ybuf);
-            let mut acc = s.splat(0.0);
-            for_vectors(s, ys, 0.0, |v| acc = s.add(acc, v));
-            add_lanes(s, &mut y64, acc);
+        if let FastLabels::Dense { .. } = labels {
+            add_lanes(s, &mut y64, ysum);
         }
     }
     let label_sum = match labels {
@@ -637,7 +680,12 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
         for (bi, b) in (0..c).step_by(BLOCK).enumerate() {
             let e = c.min(b + BLOCK);
             // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
-            let krv = s.splat(k * exp1(maxes[bi] - m));
+            let rescale = if maxes[bi] == m {
+                1.0
+            } else {
+                exp1(maxes[bi] - m)
+            };
+            let krv = s.splat(k * rescale);
             let mut acc = s.splat(0.0);
             // The logits are read again only where the loss needs `x - m`.
             match labels {
