@@ -472,7 +472,12 @@ fn for_vectors_out<S: Simd>(
     while i < len {
         let n = W.min(len - i);
         let xv = load_at(s, x, i, n, px);
-        let yv = y.map_or(zero, |y| load_at(s, y, i, n, 0.0));
+        // `match`, not `Option::map_or`: that is not always inlined, and a call here costs
+        // the loop its registers.
+        let yv = match y {
+            Some(y) => load_at(s, y, i, n, 0.0),
+            None => zero,
+        };
         let g = f(xv, yv, n);
         if let Some(o) = out.as_deref_mut() {
             store_at(s, g, o, i, n);
@@ -497,8 +502,15 @@ fn for_vectors_io<S: Simd>(
     while i < io.len() {
         let n = W.min(io.len() - i);
         let ev = load_at(s, &*io, i, n, 0.0);
-        let xv = x.map_or(zero, |(x, pad)| load_at(s, x, i, n, pad));
-        let yv = y.map_or(zero, |y| load_at(s, y, i, n, 0.0));
+        // `match`, not `Option::map_or`, as in [`for_vectors_out`].
+        let xv = match x {
+            Some((x, pad)) => load_at(s, x, i, n, pad),
+            None => zero,
+        };
+        let yv = match y {
+            Some(y) => load_at(s, y, i, n, 0.0),
+            None => zero,
+        };
         let g = f(ev, xv, yv, n);
         store_at(s, g, io, i, n);
         i += W;
@@ -514,6 +526,84 @@ fn exps_of<'a, T: FastElem>(g: &'a mut [T], gbuf: &'a mut [f32; BLOCK]) -> &'a m
         Some(g) => g,
         None => &mut gbuf[..n],
     }
+}
+
+/// The constants of a dense row's gradient pass.
+#[derive(Clone, Copy)]
+struct DenseK<V> {
+    /// The maximum `m`.
+    mv: V,
+    /// `k exp(m_b - m)`: turns a kept `exp(x - m_b)` into the softmax times `k`.
+    krv: V,
+    /// `1 - eps`.
+    keepv: V,
+    /// `eps / C`.
+    addv: V,
+    /// The gradient's scale.
+    scv: V,
+}
+
+/// One block of a dense row's fused gradient pass: rewrites the kept exponentials `io` as
+/// `scale * (e k_b - y')` and returns the lane sums of `y' (x - m)` (nonzero `y'` only).
+/// `PLAIN` is no label smoothing (`keep == 1`, `add == 0`) and `UNIT` a scale of 1: they skip
+/// operations that would give back their input, with the same bits. With `PLAIN`, `y' = y + 0`
+/// (as `y * 1 + 0`, turning a -0 label into +0) and the tail lanes are already 0.
+#[inline(always)]
+fn dense_grad<S: Simd, const PLAIN: bool, const UNIT: bool>(
+    s: S,
+    io: &mut [f32],
+    xs: impl Lanes,
+    ys: impl Lanes,
+    k: DenseK<S::V>,
+) -> S::V {
+    let zero = s.splat(0.0);
+    let mut acc = zero;
+    // Tail lanes are not written back and add y' = 0 (zeroed below when smoothing).
+    let xpad = Some((xs, f32::NEG_INFINITY));
+    for_vectors_io(s, io, xpad, Some(ys), |ev, v, yv, n| {
+        let d = s.sub(v, k.mv);
+        let yy = if PLAIN {
+            s.add(yv, zero)
+        } else {
+            let mut yy = s.add(s.mul(yv, k.keepv), k.addv);
+            if n < W {
+                let mut a = s.to_array(yy);
+                a[n..].fill(0.0);
+                yy = s.load(&a);
+            }
+            yy
+        };
+        acc = s.add(acc, s.mul_nonzero(yy, d));
+        let g = s.sub(s.mul(ev, k.krv), yy);
+        if UNIT { g } else { s.mul(k.scv, g) }
+    });
+    acc
+}
+
+/// One block of a class-id row's fused gradient pass: rewrites the kept exponentials `io` as
+/// `scale * (e k_b - eps / C)` (the target is set afterwards). `SMOOTHED` is `eps / C` other
+/// than +0 and `UNIT` a scale of 1: without the one the subtraction of +0 and with the other
+/// the multiplication by 1 are left out, as they give back their input bit for bit (`-0 - 0`
+/// is `-0`).
+#[inline(always)]
+fn sparse_grad<S: Simd, const SMOOTHED: bool, const UNIT: bool>(
+    s: S,
+    io: &mut [f32],
+    krv: S::V,
+    addv: S::V,
+    scv: S::V,
+) {
+    for_vectors_io(
+        s,
+        io,
+        None::<(&[f32], f32)>,
+        None::<&[f32]>,
+        |ev, _, _, _| {
+            let g = s.mul(ev, krv);
+            let g = if SMOOTHED { s.sub(g, addv) } else { g };
+            if UNIT { g } else { s.mul(scv, g) }
+        },
+    );
 }
 
 /// Adds the lanes of `v` to `acc`, in `f64`.
@@ -590,12 +680,7 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
             .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
         bad |= !s.to_array(chk).iter().all(|v| v.is_finite());
         if bmax > m {
-            // exp(-inf) is 0: the first block's rescale needs no call into libm.
-            let f = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (f64::from(m) - f64::from(bmax)).exp()
-            };
+            let f = (f64::from(m) - f64::from(bmax)).exp();
             for s in s64.iter_mut() {
                 *s *= f;
             }
@@ -675,17 +760,17 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
     if fused {
         let g = grad.unwrap();
         let smoothed = add != 0.0;
+        // Loop-invariant choices, each its own loop, on the `f32` factors the lanes use: no
+        // smoothing (`y * 1 + 0`; +0 exactly, as `- (-0)` is not an identity) and a unit scale.
+        let add0 = add32.to_bits() == 0;
+        let plain = keep32 == 1.0 && add0;
+        let unit = sc == 1.0;
         let mut a64 = [0.0f64; W];
         let exps = exps_of(&mut *g, gbuf);
         for (bi, b) in (0..c).step_by(BLOCK).enumerate() {
             let e = c.min(b + BLOCK);
             // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
-            let rescale = if maxes[bi] == m {
-                1.0
-            } else {
-                exp1(maxes[bi] - m)
-            };
-            let krv = s.splat(k * rescale);
+            let krv = s.splat(k * exp1(maxes[bi] - m));
             let mut acc = s.splat(0.0);
             // The logits are read again only where the loss needs `x - m`.
             match labels {
@@ -694,28 +779,28 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     let ys = y.block(b, e, ybuf);
                     // Tail lanes are not written back and add y' = 0 (zeroed below).
                     let io = &mut exps[b..e];
-                    let xpad = Some((xs, f32::NEG_INFINITY));
-                    for_vectors_io(s, io, xpad, Some(ys), |ev, v, yv, n| {
-                        let d = s.sub(v, mv);
-                        let mut yy = s.add(s.mul(yv, keepv), addv);
-                        if n < W {
-                            let mut a = s.to_array(yy);
-                            a[n..].fill(0.0);
-                            yy = s.load(&a);
-                        }
-                        acc = s.add(acc, s.mul_nonzero(yy, d));
-                        s.mul(scv, s.sub(s.mul(ev, krv), yy))
-                    });
+                    let k = DenseK {
+                        mv,
+                        krv,
+                        keepv,
+                        addv,
+                        scv,
+                    };
+                    acc = match (plain, unit) {
+                        (true, true) => dense_grad::<S, true, true>(s, io, xs, ys, k),
+                        (true, false) => dense_grad::<S, true, false>(s, io, xs, ys, k),
+                        (false, true) => dense_grad::<S, false, true>(s, io, xs, ys, k),
+                        (false, false) => dense_grad::<S, false, false>(s, io, xs, ys, k),
+                    };
                 }
                 FastLabels::Sparse { .. } => {
                     let io = &mut exps[b..e];
-                    for_vectors_io(
-                        s,
-                        io,
-                        None::<(&[f32], f32)>,
-                        None::<&[f32]>,
-                        |ev, _, _, _| s.mul(scv, s.sub(s.mul(ev, krv), addv)),
-                    );
+                    match (!add0, unit) {
+                        (false, true) => sparse_grad::<S, false, true>(s, io, krv, addv, scv),
+                        (false, false) => sparse_grad::<S, false, false>(s, io, krv, addv, scv),
+                        (true, true) => sparse_grad::<S, true, true>(s, io, krv, addv, scv),
+                        (true, false) => sparse_grad::<S, true, false>(s, io, krv, addv, scv),
+                    }
                     if smoothed {
                         let xs = x.block(b, e, xbuf);
                         // Padding with m adds d = 0.
@@ -926,12 +1011,28 @@ mod tests {
     #[test]
     fn every_level_gives_the_same_bits() {
         for c in [1, 15, 17, 1000, 1025, 5000] {
-            let (x, y) = row(c);
+            let (x, mut y) = row(c);
+            // Negative zeros: without smoothing the gradient reads them as +0, as `y * 1 + 0`.
+            for v in y.iter_mut().step_by(5) {
+                if *v == 0.0 {
+                    *v = -0.0;
+                }
+            }
             let labels = [
                 FastLabels::Dense {
                     y: Elems::Slice(&y),
                     keep: 0.9,
                     add: 0.1 / c as f64,
+                },
+                FastLabels::Dense {
+                    y: Elems::Slice(&y),
+                    keep: 1.0,
+                    add: 0.0,
+                },
+                FastLabels::Sparse {
+                    target: c / 3,
+                    keep: 1.0,
+                    add: -0.0,
                 },
                 FastLabels::Sparse {
                     target: c / 2,
@@ -944,7 +1045,8 @@ mod tests {
                     add: 0.2 / c as f64,
                 },
             ];
-            for lab in &labels {
+            // Each gradient loop: with and without smoothing, unit scale or not.
+            for (lab, scale) in labels.iter().flat_map(|l| [(l, 0.5), (l, 1.0)]) {
                 let mut first: Option<(u64, Vec<u32>)> = None;
                 for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                     let mut g = vec![0.0f32; c];
@@ -955,7 +1057,7 @@ mod tests {
                         lab,
                         1e-4,
                         Some(&mut g),
-                        0.5,
+                        scale,
                     )
                     .loss;
                     let bits = (
@@ -964,7 +1066,7 @@ mod tests {
                     );
                     match &first {
                         None => first = Some(bits),
-                        Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
+                        Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}, scale {scale}"),
                     }
                 }
             }
