@@ -382,28 +382,27 @@ half_row!(f16);
 half_row!(bf16);
 
 /// Lane-wise loop over `x` in vectors of [`W`]: full vectors straight from the slice, the tail
-/// (if any) padded with `pad`. `f` has one call site, so it is inlined (its vector operations
-/// compile for the caller's instruction set only when they are).
+/// (if any) padded with `pad`. The full vectors have a loop of their own (no test for the tail
+/// in it); `f` is called there and once more for the tail, and is small enough to be inlined
+/// at both (its vector operations compile for the caller's instruction set only when it is).
 #[inline(always)]
 fn for_vectors<S: Simd>(s: S, x: impl Lanes, pad: f32, mut f: impl FnMut(S::V)) {
     let len = x.len();
     let full = len / W * W;
-    let mut tail = [pad; W];
-    x.copy_to(full, &mut tail[..len - full]);
     let mut i = 0;
-    while i < len {
-        let v = if i < full {
-            x.load(s, i)
-        } else {
-            s.load(&tail)
-        };
-        f(v);
+    while i < full {
+        f(x.load(s, i));
         i += W;
+    }
+    if full < len {
+        let mut tail = [pad; W];
+        x.copy_to(full, &mut tail[..len - full]);
+        f(s.load(&tail));
     }
 }
 
 /// Lane-wise loop over `x` (tail padded with `px`) and `y` (as long, tail padded with 0)
-/// together. One call site of `f`, as in [`for_vectors`].
+/// together, as [`for_vectors`].
 #[inline(always)]
 fn for_vectors2<S: Simd>(
     s: S,
@@ -415,19 +414,17 @@ fn for_vectors2<S: Simd>(
     let len = x.len();
     assert_eq!(y.len(), len);
     let full = len / W * W;
-    let mut tx = [px; W];
-    x.copy_to(full, &mut tx[..len - full]);
-    let mut ty = [0.0; W];
-    y.copy_to(full, &mut ty[..len - full]);
     let mut i = 0;
-    while i < len {
-        let (v, w) = if i < full {
-            (x.load(s, i), y.load(s, i))
-        } else {
-            (s.load(&tx), s.load(&ty))
-        };
-        f(v, w);
+    while i < full {
+        f(x.load(s, i), y.load(s, i));
         i += W;
+    }
+    if full < len {
+        let mut tx = [px; W];
+        x.copy_to(full, &mut tx[..len - full]);
+        let mut ty = [0.0; W];
+        y.copy_to(full, &mut ty[..len - full]);
+        f(s.load(&tx), s.load(&ty));
     }
 }
 
@@ -455,8 +452,8 @@ fn store_at<S: Simd>(s: S, g: S::V, out: &mut [f32], i: usize, n: usize) {
 }
 
 /// Lane-wise loop over `x` (tail padded with `px`) and `y` (tail padded with 0) together,
-/// writing what `f` returns into `out` when given; `f` is told how many lanes are real. One
-/// call site of `f`, as in [`for_vectors`].
+/// writing what `f` returns into `out` when given; `f` is told how many lanes are real. Full
+/// vectors and the tail apart, as in [`for_vectors`].
 #[inline(always)]
 fn for_vectors_out<S: Simd>(
     s: S,
@@ -468,27 +465,36 @@ fn for_vectors_out<S: Simd>(
 ) {
     let zero = s.splat(0.0);
     let len = x.len();
-    let mut i = 0;
-    while i < len {
-        let n = W.min(len - i);
-        let xv = load_at(s, x, i, n, px);
-        // `match`, not `Option::map_or`: that is not always inlined, and a call here costs
-        // the loop its registers.
-        let yv = match y {
-            Some(y) => load_at(s, y, i, n, 0.0),
-            None => zero,
-        };
-        let g = f(xv, yv, n);
-        if let Some(o) = out.as_deref_mut() {
-            store_at(s, g, o, i, n);
+    let full = len / W * W;
+    // `match`, not `Option::map_or`: that is not always inlined, and a call in the loop costs
+    // it its registers.
+    let mut step = {
+        #[inline(always)]
+        |i: usize, n: usize| {
+            let xv = load_at(s, x, i, n, px);
+            let yv = match y {
+                Some(y) => load_at(s, y, i, n, 0.0),
+                None => zero,
+            };
+            let g = f(xv, yv, n);
+            if let Some(o) = out.as_deref_mut() {
+                store_at(s, g, o, i, n);
+            }
         }
+    };
+    let mut i = 0;
+    while i < full {
+        step(i, W);
         i += W;
+    }
+    if full < len {
+        step(full, len - full);
     }
 }
 
 /// Lane-wise loop over `io` in place, beside `x` (tail padded with its pad) and `y` (tail padded
 /// with 0) when given; `f` gets the vector of `io`, of `x`, of `y` and how many lanes are real,
-/// and returns what to write back. One call site of `f`, as in [`for_vectors`].
+/// and returns what to write back. Full vectors and the tail apart, as in [`for_vectors`].
 #[inline(always)]
 fn for_vectors_io<S: Simd>(
     s: S,
@@ -498,22 +504,32 @@ fn for_vectors_io<S: Simd>(
     mut f: impl FnMut(S::V, S::V, S::V, usize) -> S::V,
 ) {
     let zero = s.splat(0.0);
+    let len = io.len();
+    let full = len / W * W;
+    // `match`, not `Option::map_or`, as in [`for_vectors_out`].
+    let mut step = {
+        #[inline(always)]
+        |io: &mut [f32], i: usize, n: usize| {
+            let ev = load_at(s, &*io, i, n, 0.0);
+            let xv = match x {
+                Some((x, pad)) => load_at(s, x, i, n, pad),
+                None => zero,
+            };
+            let yv = match y {
+                Some(y) => load_at(s, y, i, n, 0.0),
+                None => zero,
+            };
+            let g = f(ev, xv, yv, n);
+            store_at(s, g, io, i, n);
+        }
+    };
     let mut i = 0;
-    while i < io.len() {
-        let n = W.min(io.len() - i);
-        let ev = load_at(s, &*io, i, n, 0.0);
-        // `match`, not `Option::map_or`, as in [`for_vectors_out`].
-        let xv = match x {
-            Some((x, pad)) => load_at(s, x, i, n, pad),
-            None => zero,
-        };
-        let yv = match y {
-            Some(y) => load_at(s, y, i, n, 0.0),
-            None => zero,
-        };
-        let g = f(ev, xv, yv, n);
-        store_at(s, g, io, i, n);
+    while i < full {
+        step(io, i, W);
         i += W;
+    }
+    if full < len {
+        step(io, full, len - full);
     }
 }
 
@@ -560,23 +576,30 @@ fn dense_grad<S: Simd, const PLAIN: bool, const UNIT: bool>(
     let mut acc = zero;
     // Tail lanes are not written back and add y' = 0 (zeroed below when smoothing).
     let xpad = Some((xs, f32::NEG_INFINITY));
-    for_vectors_io(s, io, xpad, Some(ys), |ev, v, yv, n| {
-        let d = s.sub(v, k.mv);
-        let yy = if PLAIN {
-            s.add(yv, zero)
-        } else {
-            let mut yy = s.add(s.mul(yv, k.keepv), k.addv);
-            if n < W {
-                let mut a = s.to_array(yy);
-                a[n..].fill(0.0);
-                yy = s.load(&a);
-            }
-            yy
-        };
-        acc = s.add(acc, s.mul_nonzero(yy, d));
-        let g = s.sub(s.mul(ev, k.krv), yy);
-        if UNIT { g } else { s.mul(k.scv, g) }
-    });
+    for_vectors_io(
+        s,
+        io,
+        xpad,
+        Some(ys),
+        #[inline(always)]
+        |ev, v, yv, n| {
+            let d = s.sub(v, k.mv);
+            let yy = if PLAIN {
+                s.add(yv, zero)
+            } else {
+                let mut yy = s.add(s.mul(yv, k.keepv), k.addv);
+                if n < W {
+                    let mut a = s.to_array(yy);
+                    a[n..].fill(0.0);
+                    yy = s.load(&a);
+                }
+                yy
+            };
+            acc = s.add(acc, s.mul_nonzero(yy, d));
+            let g = s.sub(s.mul(ev, k.krv), yy);
+            if UNIT { g } else { s.mul(k.scv, g) }
+        },
+    );
     acc
 }
 
@@ -598,6 +621,7 @@ fn sparse_grad<S: Simd, const SMOOTHED: bool, const UNIT: bool>(
         io,
         None::<(&[f32], f32)>,
         None::<&[f32]>,
+        #[inline(always)]
         |ev, _, _, _| {
             let g = s.mul(ev, krv);
             let g = if SMOOTHED { s.sub(g, addv) } else { g };
@@ -657,9 +681,12 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
         // harmlessly, when finite logits near f32::MAX overflow it; the exact count below
         // then finds nothing).
         let mut chk = s.splat(0.0);
-        let mut step = |v| {
-            mx = s.max(v, mx);
-            chk = s.add(chk, v);
+        let mut step = {
+            #[inline(always)]
+            |v| {
+                mx = s.max(v, mx);
+                chk = s.add(chk, v);
+            }
         };
         // Padded with one of the block's own values: neutral for the max and the check. Dense
         // labels are summed in the same sweep (per lane in `f32`, padded with 0).
@@ -667,10 +694,17 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
         match labels {
             FastLabels::Dense { y, .. } => {
                 let ys = y.block(b, e, ybuf);
-                for_vectors2(s, xs, xs.at(0), ys, |v, yv| {
-                    step(v);
-                    ysum = s.add(ysum, yv);
-                });
+                for_vectors2(
+                    s,
+                    xs,
+                    xs.at(0),
+                    ys,
+                    #[inline(always)]
+                    |v, yv| {
+                        step(v);
+                        ysum = s.add(ysum, yv);
+                    },
+                );
             }
             FastLabels::Sparse { .. } => for_vectors(s, xs, xs.at(0), &mut step),
         }
@@ -698,6 +732,7 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     f32::NEG_INFINITY,
                     None::<&[f32]>,
                     Some(out),
+                    #[inline(always)]
                     |v, _, _| {
                         let ex = exp(s, s.sub(v, mv));
                         acc = s.add(acc, ex);
@@ -705,9 +740,15 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     },
                 );
             }
-            _ => for_vectors(s, xs, f32::NEG_INFINITY, |v| {
-                acc = s.add(acc, exp(s, s.sub(v, mv)));
-            }),
+            _ => for_vectors(
+                s,
+                xs,
+                f32::NEG_INFINITY,
+                #[inline(always)]
+                |v| {
+                    acc = s.add(acc, exp(s, s.sub(v, mv)));
+                },
+            ),
         }
         add_lanes(s, &mut s64, acc);
         if let FastLabels::Dense { .. } = labels {
@@ -804,7 +845,13 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     if smoothed {
                         let xs = x.block(b, e, xbuf);
                         // Padding with m adds d = 0.
-                        for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
+                        for_vectors(
+                            s,
+                            xs,
+                            m,
+                            #[inline(always)]
+                            |v| acc = s.add(acc, s.sub(v, mv)),
+                        );
                     }
                 }
             }
@@ -842,18 +889,26 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                 let mut acc = s.splat(0.0);
                 let out = grad.as_deref_mut().map(|g| T::out_view(&mut g[b..e], gbuf));
                 // Tail lanes: x = -inf and y' = 0, so they add nothing.
-                for_vectors_out(s, xs, f32::NEG_INFINITY, Some(ys), out, |v, yv, n| {
-                    let d = s.sub(v, mv);
-                    let mut yy = s.add(s.mul(yv, keepv), addv);
-                    if n < W {
-                        let mut a = s.to_array(yy);
-                        a[n..].fill(0.0);
-                        yy = s.load(&a);
-                    }
-                    let ex = exp(s, d);
-                    acc = s.add(acc, s.mul_nonzero(yy, d));
-                    s.mul(scv, s.sub(s.mul(ex, kv), yy))
-                });
+                for_vectors_out(
+                    s,
+                    xs,
+                    f32::NEG_INFINITY,
+                    Some(ys),
+                    out,
+                    #[inline(always)]
+                    |v, yv, n| {
+                        let d = s.sub(v, mv);
+                        let mut yy = s.add(s.mul(yv, keepv), addv);
+                        if n < W {
+                            let mut a = s.to_array(yy);
+                            a[n..].fill(0.0);
+                            yy = s.load(&a);
+                        }
+                        let ex = exp(s, d);
+                        acc = s.add(acc, s.mul_nonzero(yy, d));
+                        s.mul(scv, s.sub(s.mul(ex, kv), yy))
+                    },
+                );
                 if let Some(g) = grad.as_deref_mut() {
                     T::narrow_from(&mut g[b..e], gbuf);
                 }
@@ -872,11 +927,19 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     let mut acc = s.splat(0.0);
                     let out = T::out_view(&mut g[b..e], gbuf);
                     // Tail lanes: x = m, so d = 0 adds nothing.
-                    for_vectors_out(s, xs, m, None::<&[f32]>, Some(out), |v, _, _| {
-                        let d = s.sub(v, mv);
-                        acc = s.add(acc, d);
-                        s.mul(scv, s.sub(s.mul(exp(s, d), kv), addv))
-                    });
+                    for_vectors_out(
+                        s,
+                        xs,
+                        m,
+                        None::<&[f32]>,
+                        Some(out),
+                        #[inline(always)]
+                        |v, _, _| {
+                            let d = s.sub(v, mv);
+                            acc = s.add(acc, d);
+                            s.mul(scv, s.sub(s.mul(exp(s, d), kv), addv))
+                        },
+                    );
                     T::narrow_from(&mut g[b..e], gbuf);
                     add_lanes(s, &mut d64, acc);
                 }
@@ -888,7 +951,13 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     let xs = x.block(b, e, xbuf);
                     let mut acc = s.splat(0.0);
                     // Padding with m adds d = 0.
-                    for_vectors(s, xs, m, |v| acc = s.add(acc, s.sub(v, mv)));
+                    for_vectors(
+                        s,
+                        xs,
+                        m,
+                        #[inline(always)]
+                        |v| acc = s.add(acc, s.sub(v, mv)),
+                    );
                     add_lanes(s, &mut d64, acc);
                 }
             }
