@@ -383,8 +383,9 @@ half_row!(bf16);
 
 /// Lane-wise loop over `x` in vectors of [`W`]: full vectors straight from the slice, the tail
 /// (if any) padded with `pad`. The full vectors have a loop of their own (no test for the tail
-/// in it); `f` is called there and once more for the tail, and is small enough to be inlined
-/// at both (its vector operations compile for the caller's instruction set only when it is).
+/// in it); `f` is called there and once more for the tail. Callers mark their closures
+/// `#[inline(always)]`: their vector operations compile for the caller's instruction set only
+/// when they are inlined, and with two call sites the compiler may not inline them otherwise.
 #[inline(always)]
 fn for_vectors<S: Simd>(s: S, x: impl Lanes, pad: f32, mut f: impl FnMut(S::V)) {
     let len = x.len();
