@@ -767,6 +767,23 @@ fn stream(seed: u64) -> impl FnMut() -> f64 {
     }
 }
 
+/// The options of a [`large_case`] from generated `(label_smoothing, z_loss, reduction,
+/// from_logits, ignore)`: class axis 1, `ignore_index` -100 for class ids when `ignore`, and
+/// z-loss only with logits.
+fn large_options(
+    (label_smoothing, z_loss, reduction, from_logits, ignore): (f64, f64, Reduction, bool, bool),
+    sparse: bool,
+) -> Options {
+    Options {
+        axis: 1,
+        label_smoothing,
+        ignore_index: (sparse && ignore).then_some(-100),
+        from_logits,
+        z_loss: if from_logits { z_loss } else { 0.0 },
+        reduction,
+    }
+}
+
 /// A problem of `(outer, C, inner)` with about 80,000 elements, several parallel blocks.
 fn large_case(
     classes: usize,
@@ -893,15 +910,7 @@ proptest! {
         seed in any::<u64>(),
         prefix in any::<prop::sample::Index>(),
     ) {
-        let (label_smoothing, z_loss, reduction, from_logits, ignore) = options;
-        let options = Options {
-            axis: 1,
-            label_smoothing,
-            ignore_index: (sparse && ignore).then_some(-100),
-            from_logits,
-            z_loss: if from_logits { z_loss } else { 0.0 },
-            reduction,
-        };
+        let options = large_options(options, sparse);
         let case = large_case(classes, inner, sparse, options, weighted, seed);
         let outer = prefix.index(case.layout().outer);
         match dtype {
@@ -910,7 +919,7 @@ proptest! {
             DType::F32 => check_thread_counts::<f32>(&case)?,
             _ => check_thread_counts::<f64>(&case)?,
         }
-        if reduction == Reduction::None {
+        if options.reduction == Reduction::None {
             match dtype {
                 DType::F16 => check_batch_independence::<f16>(&case, outer)?,
                 DType::BF16 => check_batch_independence::<bf16>(&case, outer)?,
@@ -1091,15 +1100,7 @@ proptest! {
         poisoned in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let (label_smoothing, z_loss, reduction, from_logits, ignore) = options;
-        let options = Options {
-            axis: 1,
-            label_smoothing,
-            ignore_index: (sparse && ignore).then_some(-100),
-            from_logits,
-            z_loss: if from_logits { z_loss } else { 0.0 },
-            reduction,
-        };
+        let options = large_options(options, sparse);
         let mut case = large_case(classes, inner, sparse, options, weighted, seed);
         if poisoned {
             poison(&mut case);
