@@ -588,13 +588,7 @@ fn dense_grad<S: Simd, const PLAIN: bool, const UNIT: bool>(
             let yy = if PLAIN {
                 s.add(yv, zero)
             } else {
-                let mut yy = s.add(s.mul(yv, k.keepv), k.addv);
-                if n < W {
-                    let mut a = s.to_array(yy);
-                    a[n..].fill(0.0);
-                    yy = s.load(&a);
-                }
-                yy
+                effective_labels(s, yv, k.keepv, k.addv, n)
             };
             acc = s.add(acc, s.mul_nonzero(yy, d));
             let g = s.sub(s.mul(ev, k.krv), yy);
@@ -644,6 +638,49 @@ fn add_lanes<S: Simd>(s: S, acc: &mut [f64; W], v: S::V) {
 #[inline(always)]
 fn lane_sum(v: &[f64; W]) -> f64 {
     v.iter().sum()
+}
+
+/// The effective labels `y' = y (1 - eps) + eps / C` of a vector of which `n` lanes are real;
+/// the other lanes are 0.
+#[inline(always)]
+fn effective_labels<S: Simd>(s: S, yv: S::V, keepv: S::V, addv: S::V, n: usize) -> S::V {
+    let yy = s.add(s.mul(yv, keepv), addv);
+    if n < W {
+        let mut a = s.to_array(yy);
+        a[n..].fill(0.0);
+        s.load(&a)
+    } else {
+        yy
+    }
+}
+
+/// Lane sums of `x - m` over a block (the tail padded with `m`, which adds 0).
+#[inline(always)]
+fn sum_minus_max<S: Simd>(s: S, xs: impl Lanes, m: f32, mv: S::V) -> S::V {
+    let mut acc = s.splat(0.0);
+    for_vectors(
+        s,
+        xs,
+        m,
+        #[inline(always)]
+        |v| acc = s.add(acc, s.sub(v, mv)),
+    );
+    acc
+}
+
+/// `A` of a class-id row: `keep (x_t - m) + (eps / C) sum_j (x_j - m)`, where `dt = x_t - m`
+/// and `d64` holds the lane sums of `x - m` (used only when smoothing). A term whose
+/// coefficient is 0 contributes 0 even at a -inf logit (0 * log 0 = 0, spec Deviation 4):
+/// with smoothing 1 the target's own share is 0.
+#[inline(always)]
+fn sparse_a(keep: f64, add: f64, dt: f32, d64: &[f64; W]) -> f64 {
+    let sum_d = if add != 0.0 { add * lane_sum(d64) } else { 0.0 };
+    let target_term = if keep == 0.0 {
+        0.0
+    } else {
+        keep * f64::from(dt)
+    };
+    target_term + sum_d
 }
 
 /// The unweighted loss of one row, writing `scale * d loss / d x` into `grad` when given.
@@ -854,15 +891,7 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                         (true, false) => sparse_grad::<S, true, false>(s, io, krv, addv, scv),
                     }
                     if smoothed {
-                        let xs = x.block(b, e, xbuf);
-                        // Padding with m adds d = 0.
-                        for_vectors(
-                            s,
-                            xs,
-                            m,
-                            #[inline(always)]
-                            |v| acc = s.add(acc, s.sub(v, mv)),
-                        );
+                        acc = sum_minus_max(s, x.block(b, e, xbuf), m, mv);
                     }
                 }
             }
@@ -874,13 +903,7 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
             FastLabels::Sparse { target, .. } => {
                 let dt = x.at(target) - m;
                 g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
-                let sum_d = if smoothed { add * lane_sum(&a64) } else { 0.0 };
-                let target_term = if keep == 0.0 {
-                    0.0
-                } else {
-                    keep * f64::from(dt)
-                };
-                target_term + sum_d
+                sparse_a(keep, add, dt, &a64)
             }
         };
         return FastRow {
@@ -909,12 +932,7 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     #[inline(always)]
                     |v, yv, n| {
                         let d = s.sub(v, mv);
-                        let mut yy = s.add(s.mul(yv, keepv), addv);
-                        if n < W {
-                            let mut a = s.to_array(yy);
-                            a[n..].fill(0.0);
-                            yy = s.load(&a);
-                        }
+                        let yy = effective_labels(s, yv, keepv, addv, n);
                         let ex = exp(s, d);
                         acc = s.add(acc, s.mul_nonzero(yy, d));
                         s.mul(scv, s.sub(s.mul(ex, kv), yy))
@@ -931,7 +949,8 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
             let target = *target;
             let mut d64 = [0.0f64; W];
             let smoothed = add != 0.0;
-            if let Some(g) = grad {
+            let mut grad = grad;
+            if let Some(g) = grad.as_deref_mut() {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
                     let xs = x.block(b, e, xbuf);
@@ -954,30 +973,18 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                     T::narrow_from(&mut g[b..e], gbuf);
                     add_lanes(s, &mut d64, acc);
                 }
-                let dt = x.at(target) - m;
-                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
             } else if smoothed {
                 for b in (0..c).step_by(BLOCK) {
                     let e = c.min(b + BLOCK);
-                    let xs = x.block(b, e, xbuf);
-                    let mut acc = s.splat(0.0);
-                    // Padding with m adds d = 0.
-                    for_vectors(
-                        s,
-                        xs,
-                        m,
-                        #[inline(always)]
-                        |v| acc = s.add(acc, s.sub(v, mv)),
-                    );
+                    let acc = sum_minus_max(s, x.block(b, e, xbuf), m, mv);
                     add_lanes(s, &mut d64, acc);
                 }
             }
-            let dt = f64::from(x.at(target) - m);
-            let sum_d = if smoothed { add * lane_sum(&d64) } else { 0.0 };
-            // A term whose coefficient is 0 contributes 0 even at a -inf logit (0 * log 0 = 0,
-            // spec Deviation 4): with smoothing 1 the target's own share is 0.
-            let target_term = if keep == 0.0 { 0.0 } else { keep * dt };
-            target_term + sum_d
+            let dt = x.at(target) - m;
+            if let Some(g) = grad {
+                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
+            }
+            sparse_a(keep, add, dt, &d64)
         }
     };
     FastRow {
