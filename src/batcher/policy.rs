@@ -211,28 +211,33 @@ impl<P> Queue<P> {
         self.earliest_deadline.is_some_and(|d| d <= now)
     }
 
-    /// Removes requests whose deadline passed or whose caller left (`gone`), in place: the
-    /// common case, nothing to remove, allocates nothing.
+    /// Removes requests whose deadline passed or whose caller left (`gone`), in place and in
+    /// one pass: the requests kept stay in order; the common case, nothing to remove,
+    /// allocates nothing.
     pub fn purge(&mut self, now: Instant, gone: impl Fn(&P) -> bool) -> Vec<Dropped<P>> {
-        let mut dropped = Vec::new();
         let mut earliest: Option<Instant> = None;
-        let mut i = 0;
-        while i < self.waiting.len() {
+        let mut kept = 0;
+        for i in 0..self.waiting.len() {
             let e = &self.waiting[i];
-            let expired = e.deadline <= now;
-            if !expired && !gone(&e.payload) {
+            if e.deadline > now && !gone(&e.payload) {
                 earliest = Some(earliest.map_or(e.deadline, |d| d.min(e.deadline)));
-                i += 1;
-                continue;
+                self.waiting.swap(kept, i);
+                kept += 1;
             }
-            let e = self.waiting.remove(i).expect("index from this queue");
-            self.bytes -= e.bytes;
-            dropped.push(if expired {
-                Dropped::Expired(e)
-            } else {
-                Dropped::Abandoned(e)
-            });
         }
+        let dropped: Vec<_> = self
+            .waiting
+            .split_off(kept)
+            .into_iter()
+            .map(|e| {
+                self.bytes -= e.bytes;
+                if e.deadline <= now {
+                    Dropped::Expired(e)
+                } else {
+                    Dropped::Abandoned(e)
+                }
+            })
+            .collect();
         self.earliest_deadline = earliest;
         dropped
     }
