@@ -2,8 +2,8 @@
 //! RESOURCE_EXHAUSTED naming the limit, the size and the flag that raises it.
 //!
 //! tonic's codec refuses a message over its limit with OUT_OF_RANGE and a message about its
-//! own buffers, which reads like a bug and gives a client nothing to act on; the issue asks for
-//! a hard-limit refusal, never retried. So:
+//! own buffers, which reads like a bug and gives a client nothing to act on; a request over a
+//! hard limit should be refused as such, and never retried. So:
 //! - Inbound, [`MessageSizeLayer`] wraps the body of each evaluating call (`xent.v1.Xent`,
 //!   the Open Inference Protocol's `ModelInfer`) and reads the
 //!   5-byte gRPC prefix of every message as its frames arrive. A prefix announcing more than the
