@@ -80,9 +80,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let service = XentServer::new(Echo)
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
-    xent::server::transport(&settings)
-        .add_service(service)
-        .serve_with_incoming(xent::server::incoming(listener))
-        .await?;
+    let routes = tonic::service::Routes::new(service).prepare();
+    xent::server::transport::serve(
+        listener,
+        routes,
+        Default::default(),
+        xent::server::method_kinds()?,
+        &xent::server::transport_settings(&settings),
+        std::future::pending::<()>(),
+    )
+    .await;
     Ok(())
 }

@@ -44,6 +44,9 @@ pub const SENT_BYTES: &str = "xent_sent_bytes_total";
 pub const ELEMENTS: &str = "xent_elements_computed_total";
 /// Requests refused or dropped without being computed, by `reason`.
 pub const SHED: &str = "xent_shed_total";
+/// Streams and connections still open when a drain's grace period ran out, cut off, by
+/// `what` (`streams`, `connections`).
+pub const DRAIN_CUT: &str = "xent_drain_cut_total";
 /// Non-finite values (NaN, +inf, -inf) seen in logits and labels.
 pub const NONFINITE_INPUTS: &str = "xent_nonfinite_inputs_total";
 /// Dense label rows whose sum is not 1 (within 1e-3 relative).
@@ -216,6 +219,11 @@ pub fn describe() {
         SHED,
         Unit::Count,
         "Requests refused or dropped without being computed, by reason."
+    );
+    describe_counter!(
+        DRAIN_CUT,
+        Unit::Count,
+        "Streams and connections cut off when the shutdown grace period ran out, by what."
     );
     describe_counter!(
         NONFINITE_INPUTS,

@@ -45,6 +45,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("xentd: cannot handle signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let listener = match tokio::net::TcpListener::bind(settings.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -65,8 +72,8 @@ fn main() -> ExitCode {
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, "listening");
-        match xent::server::serve(listener, settings, shutdown_signal()).await {
-            Ok(()) => {
+        match xent::server::serve(listener, settings, shutdown).await {
+            Ok(_) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
             }
@@ -78,26 +85,30 @@ fn main() -> ExitCode {
     })
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Completes on the first SIGINT or SIGTERM. The handlers are installed here, at once, not
+/// when the future is first polled: a signal that comes right after the address is printed
+/// must drain like any other, not kill the process.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+    {
+        Ok(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C received");
+            } else {
+                std::future::pending::<()>().await;
+            }
+        })
     }
 }

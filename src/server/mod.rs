@@ -13,18 +13,20 @@ mod deadline;
 mod message_size;
 mod oip;
 mod service;
+pub mod transport;
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use deadline::parse_timeout;
 pub use oip::OipService;
 pub use service::XentService;
+use transport::drain::{MethodKinds, Streams};
+pub use transport::{DrainReport, TransportSettings};
 
 use crate::batcher::Batcher;
 use crate::compute::{self, ComputePool};
@@ -37,18 +39,13 @@ use crate::proto::xent_server::XentServer;
 /// The name health reports the evaluation service under.
 pub const SERVICE_NAME: &str = "xent.v1.Xent";
 
-/// HTTP/2 flow-control windows sized for multi-MiB tensors: a 16 MiB message streams without
-/// waiting on window updates.
-const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 64 << 20;
-
-/// Serves on `listener` until `shutdown` completes, then lets calls in flight finish for at
-/// most `settings.shutdown_grace`.
+/// Serves on `listener` until `shutdown` completes, then lets the calls accepted finish for at
+/// most `settings.shutdown_grace`, and reports what the drain did.
 pub async fn serve(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), Error> {
+) -> Result<DrainReport, Error> {
     Server::new(settings).await?.serve(listener, shutdown).await
 }
 
@@ -59,6 +56,7 @@ pub struct Server {
     pool: ComputePool,
     batcher: Batcher,
     health: HealthReporter,
+    streams: Arc<Streams>,
 }
 
 impl Server {
@@ -76,6 +74,7 @@ impl Server {
             pool,
             batcher,
             health,
+            streams: Arc::default(),
         })
     }
 
@@ -89,16 +88,23 @@ impl Server {
         &self.batcher
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains.
+    /// The counts of the streams this server has accepted, answered and reset.
+    pub fn streams(&self) -> &Arc<Streams> {
+        &self.streams
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains, and reports what the
+    /// drain did.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), Error> {
+    ) -> Result<DrainReport, Error> {
         let Server {
             settings,
             batcher,
             health,
+            streams,
             ..
         } = self;
         let stats_batcher = batcher.clone();
@@ -140,75 +146,87 @@ impl Server {
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
 
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = {
             let health = health.clone();
             async move {
                 shutdown.await;
-                tracing::info!("shutting down: health NOT_SERVING, finishing calls in flight");
+                tracing::info!("shutting down: health NOT_SERVING, finishing the calls accepted");
                 set_health(&health, ServingStatus::NotServing).await;
-                batcher.close();
-                let _ = stop_tx.send(());
             }
         };
-        let server = transport(&settings)
-            .layer(arrival::ArrivalLayer)
-            .layer(message_size::MessageSizeLayer::new(
-                settings.max_message_bytes,
-            ))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(xent)
             .add_service(inference)
-            .serve_with_incoming_shutdown(incoming(listener), signal);
-        let grace = settings.shutdown_grace;
-        let deadline = async move {
-            // Runs out only once shutdown has begun.
-            if stop_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        let result = tokio::select! {
-            result = server => result.map_err(|e| Error::Internal(format!("transport: {e}"))),
-            () = deadline => {
-                tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; exiting with calls still in flight");
-                Ok(())
-            }
-        };
+            .prepare();
+        let service = tower::ServiceBuilder::new()
+            .layer(arrival::ArrivalLayer)
+            .layer(message_size::MessageSizeLayer::new(
+                settings.max_message_bytes,
+            ))
+            .service(routes);
+        let report = transport::serve(
+            listener,
+            service,
+            streams,
+            method_kinds()?,
+            &transport_settings(&settings),
+            signal,
+        )
+        .await;
+        batcher.close();
+        record_drain(&report);
         let st = stats_batcher.stats();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
+            streams_accepted = report.accepted,
+            streams_answered = report.answered,
+            streams_reset = report.reset,
+            cut_streams = report.cut_streams,
+            cut_connections = report.cut_connections,
             dispatched = load(&st.dispatched_requests),
             computed = load(&st.computed_requests),
             expired = load(&st.expired_in_queue),
             abandoned = load(&st.abandoned_in_queue),
-            shed_draining = load(&st.shed_draining),
             "drained"
         );
-        result
+        Ok(report)
     }
 }
 
-/// The HTTP/2 transport every xent service runs on: windows sized for multi-MiB tensors,
-/// large frames, no Nagle delay, and the per-connection stream limit. Public so benchmarks
-/// can measure other services on exactly this stack.
-pub fn transport(settings: &Settings) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1 << 20)
+/// How the transport serves connections, from the server's settings.
+pub fn transport_settings(settings: &Settings) -> TransportSettings {
+    TransportSettings {
+        max_concurrent_streams: settings.max_concurrent_streams,
+        shutdown_grace: settings.shutdown_grace,
+    }
 }
 
-/// The connections accepted on `listener`, with Nagle's algorithm off: tonic applies its
-/// `tcp_nodelay` only to listeners it binds itself, and with Nagle on, a small answer waits
-/// for the client's delayed ACK (about 40 ms a call at low concurrency).
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Which of the served methods are client-streaming, read from the services' descriptors.
+pub fn method_kinds() -> Result<Arc<MethodKinds>, Error> {
+    MethodKinds::from_descriptor_sets(&[
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])
+    .map(Arc::new)
+}
+
+/// Counts what the grace period cut off, and says so.
+fn record_drain(report: &DrainReport) {
+    if report.cut_streams > 0 || report.cut_connections > 0 {
+        metrics::counter!(crate::metrics::DRAIN_CUT, "what" => "streams")
+            .increment(report.cut_streams);
+        metrics::counter!(crate::metrics::DRAIN_CUT, "what" => "connections")
+            .increment(report.cut_connections);
+        tracing::warn!(
+            cut_streams = report.cut_streams,
+            cut_connections = report.cut_connections,
+            "grace period over; cut off what was still open"
+        );
+    }
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
@@ -235,6 +253,3 @@ async fn warm_up(pool: ComputePool, health: HealthReporter) {
         Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "warm-up failed; staying NOT_SERVING"),
     }
 }
-
-/// How long a client should wait between polls of health during warm-up.
-pub const WARM_UP_POLL: Duration = Duration::from_millis(20);

@@ -451,7 +451,7 @@ async fn counted_server() -> (
     std::net::SocketAddr,
     xent::batcher::Batcher,
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), xent::error::Error>>,
+    tokio::task::JoinHandle<Result<xent::server::DrainReport, xent::error::Error>>,
 ) {
     let server = xent::server::Server::new(xent::config::Settings::default())
         .await

@@ -25,8 +25,10 @@ pub struct TestServer {
     pub batcher: Batcher,
     /// The server's compute pool.
     pub pool: ComputePool,
+    /// The server's counts of streams accepted, answered and reset.
+    pub streams: std::sync::Arc<xent::server::transport::drain::Streams>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), xent::error::Error>>>,
+    task: Option<tokio::task::JoinHandle<Result<xent::server::DrainReport, xent::error::Error>>>,
 }
 
 impl TestServer {
@@ -46,6 +48,7 @@ impl TestServer {
             .await
             .expect("server starts");
         let (batcher, pool) = (server.batcher().clone(), server.compute_pool().clone());
+        let streams = server.streams().clone();
         let task = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
@@ -53,6 +56,7 @@ impl TestServer {
             addr,
             batcher,
             pool,
+            streams,
             stop: Some(tx),
             task: Some(task),
         };
@@ -141,8 +145,15 @@ impl TestServer {
         panic!("xentd at {} never became SERVING", self.addr);
     }
 
-    /// Triggers shutdown and waits for the server to return.
-    pub async fn stop(mut self) -> Result<(), xent::error::Error> {
+    /// Triggers shutdown (as SIGTERM does in the binary) without waiting.
+    pub fn signal(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Triggers shutdown and waits for the server to return its drain report.
+    pub async fn stop(mut self) -> Result<xent::server::DrainReport, xent::error::Error> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

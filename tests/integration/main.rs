@@ -9,6 +9,8 @@ mod cli;
 mod common;
 // Every reference case of tests/reference (made by TensorFlow, Keras and PyTorch) over gRPC.
 mod conformance;
+// Shutdown under load: every accepted stream answered, new callers told at once, exit 0.
+mod drain;
 // Batching, backpressure, deadlines and drain under load.
 mod load;
 // The Open Inference Protocol (KServe v2) beside xent.v1, answer for answer.

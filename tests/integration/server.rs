@@ -487,8 +487,18 @@ async fn hostile_requests_never_panic_or_stop_the_server() {
 
 #[tokio::test]
 async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
-    let (mut child, endpoint) =
-        crate::common::spawn_xentd(&["--shutdown-grace-secs", "5"], Stdio::null());
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+        .parse()
+        .unwrap();
+    let (mut child, endpoint) = crate::common::spawn_xentd(
+        &[
+            "--shutdown-grace-secs",
+            "5",
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+        Stdio::null(),
+    );
     let channel = tonic::transport::Channel::from_shared(endpoint)
         .unwrap()
         .connect()
@@ -510,7 +520,8 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // A call in flight when SIGTERM arrives still gets its answer.
+    // A call in flight when SIGTERM arrives still gets its answer. In flight means the
+    // server is handling it, as its metrics say.
     let (rows, classes) = (64, 128_256);
     let big = dense(
         encode(&[rows, classes], vec![0.25f64; rows * classes], true),
@@ -521,7 +532,23 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
         ),
     );
     let in_flight = tokio::spawn(async move { c.evaluate(big).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) =
+            tokio::task::spawn_blocking(move || crate::common::http_get(metrics, "/metrics"))
+                .await
+                .unwrap()
+                .expect("metrics");
+        if body.lines().any(|l| l == "xent_calls_in_flight 1") {
+            break;
+        }
+        assert!(!in_flight.is_finished(), "the call ended before the signal");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
