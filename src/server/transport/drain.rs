@@ -78,10 +78,12 @@ impl Cut {
             delivered: AtomicU64::new(0),
             limit: OnceLock::new(),
         });
+        // Under the lock [`Cut::fire`] holds while it fires, so a stream registers either
+        // before (and gets its limit from `fire`) or after (and takes it here).
+        let mut marks = self.0.marks.lock().expect("marks");
         if self.0.token.is_cancelled() {
             mark.set_limit();
         } else {
-            let mut marks = self.0.marks.lock().expect("marks");
             marks.retain(|m| m.strong_count() > 0);
             marks.push(Arc::downgrade(&mark));
         }
@@ -90,8 +92,8 @@ impl Cut {
 
     /// Notes where every registered stream stands, then fires.
     pub fn fire(&self) {
-        let marks = std::mem::take(&mut *self.0.marks.lock().expect("marks"));
-        for mark in marks.iter().filter_map(Weak::upgrade) {
+        let mut marks = self.0.marks.lock().expect("marks");
+        for mark in marks.drain(..).filter_map(|m| m.upgrade()) {
             mark.set_limit();
         }
         self.0.token.cancel();
