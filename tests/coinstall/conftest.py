@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,75 +24,33 @@ import grpc
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 60.0
-SHUTDOWN_TIMEOUT_S = 15.0
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
+
+import xentd_process  # noqa: E402  (tests/support: the binary as a child process)
+
 PROGRAM_TIMEOUT_S = 120.0
-LISTENING_LINE = re.compile(r"^listening on (127\.0\.0\.1:\d+)$")
 # grpc.health.v1.HealthCheckResponse{status: SERVING}
 SERVING = b"\x08\x01"
 
 
-@dataclass
-class Xentd:
-    address: str
-    process: subprocess.Popen
-    stderr_path: Path
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-8000:]
-
-
-def _serving(channel: grpc.Channel) -> bool:
-    check = channel.unary_unary(
-        "/grpc.health.v1.Health/Check", request_serializer=bytes, response_deserializer=bytes
-    )
-    try:
-        return check(b"", timeout=2) == SERVING
-    except grpc.RpcError:
-        return False
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=bytes, response_deserializer=bytes
+        )
+        try:
+            return check(b"", timeout=2) == SERVING
+        except grpc.RpcError:
+            return False
 
 
 @pytest.fixture(scope="session")
-def xentd(tmp_path_factory) -> Xentd:
-    binary = Path(os.environ.get("XENTD_BIN") or REPO_ROOT / "target" / "debug" / "xentd")
-    if not binary.is_file():
-        pytest.fail(f"xentd not found at {binary}; build it or set XENTD_BIN", pytrace=False)
-    stderr_path = tmp_path_factory.mktemp("xentd") / "stderr.log"
-    with open(stderr_path, "wb") as stderr_file:
-        process = subprocess.Popen(
-            [str(binary), "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr_file,
-            text=True,
-        )
-    line = process.stdout.readline()
-    match = LISTENING_LINE.match(line.rstrip("\r\n"))
-    if not match:
-        process.kill()
-        process.wait()
-        pytest.fail(f"xentd printed {line!r}; stderr:\n{stderr_path.read_text()}")
-    server = Xentd(match.group(1), process, stderr_path)
-    with grpc.insecure_channel(server.address) as channel:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _serving(channel):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                pytest.fail(f"xentd never reported SERVING; stderr:\n{server.stderr()}")
-            time.sleep(0.05)
-
+def xentd(tmp_path_factory) -> xentd_process.Xentd:
+    binary = xentd_process.binary("XENTD_BIN", "xentd")
+    server = xentd_process.start(binary, tmp_path_factory.mktemp("xentd") / "stderr.log", _serving)
     yield server
-
-    assert process.poll() is None, f"xentd died during the tests:\n{server.stderr()}"
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=SHUTDOWN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"xentd did not exit after SIGTERM:\n{server.stderr()}")
-    assert code == 0, f"xentd exited with {code}:\n{server.stderr()}"
+    code = server.stop()
+    assert code == 0, f"xentd exited with {code} after SIGTERM:\n{server.stderr()}"
 
 
 @dataclass

@@ -22,15 +22,18 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
+
+import xentd_process  # noqa: E402  (tests/support: the binary as a child process)
+
 README = REPO_ROOT / "README.md"
 CARGO_XENT = "cargo run --release --bin xent --"
 COMMAND_TIMEOUT_S = 600.0
@@ -76,43 +79,20 @@ def matches(expected: str, line: str) -> bool:
     return re.fullmatch(pattern, line.rstrip()) is not None
 
 
-def binary(variable: str, name: str) -> str:
-    path = Path(os.environ.get(variable) or REPO_ROOT / "target" / "debug" / name)
-    if not path.is_file():
-        pytest.fail(f"{name} not found at {path}; build it or set {variable}", pytrace=False)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def xentd(tmp_path_factory):
     """(address, xent binary) of a xentd on a free port, once `xent health` says SERVING."""
-    xent_bin = binary("XENT_BIN", "xent")
-    stderr_path = tmp_path_factory.mktemp("xentd") / "stderr.log"
-    with open(stderr_path, "wb") as stderr_file:
-        process = subprocess.Popen(
-            [binary("XENTD_BIN", "xentd"), "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr_file,
-            text=True,
-        )
-    line = process.stdout.readline().strip()
-    if not line.startswith("listening on "):
-        process.kill()
-        pytest.fail(f"xentd printed {line!r}; stderr:\n{stderr_path.read_text()}")
-    address = line.removeprefix("listening on ")
-    deadline = time.monotonic() + 60
-    while True:
-        health = subprocess.run([xent_bin, "--address", address, "--timeout", "2", "health"], capture_output=True, text=True)
-        if health.stdout.strip() == "SERVING":
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"xentd never reported SERVING; stderr:\n{stderr_path.read_text()}")
-        time.sleep(0.1)
-    yield address, xent_bin
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=15) == 0, stderr_path.read_text()
+    xent_bin = str(xentd_process.binary("XENT_BIN", "xent"))
+
+    def serving(address: str) -> bool:
+        health = [xent_bin, "--address", address, "--timeout", "2", "health"]
+        return subprocess.run(health, capture_output=True, text=True).stdout.strip() == "SERVING"
+
+    binary = xentd_process.binary("XENTD_BIN", "xentd")
+    server = xentd_process.start(binary, tmp_path_factory.mktemp("xentd") / "stderr.log", serving)
+    yield server.address, xent_bin
+    code = server.stop()
+    assert code == 0, f"xentd exited with {code} after SIGTERM:\n{server.stderr()}"
 
 
 @pytest.fixture(scope="module")
