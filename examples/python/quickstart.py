@@ -1,72 +1,59 @@
-"""Evaluate a softmax cross-entropy loss and its gradient with xentd from Python.
+"""Evaluate softmax cross-entropy losses and their gradients with xentd from Python.
 
-    pip install -r tests/python/requirements.txt
-    cargo run --bin xentd -- --listen 127.0.0.1:50051     # in another terminal
-    python examples/python/quickstart.py --address 127.0.0.1:50051
+    python3 -m venv .venv && .venv/bin/pip install ./clients/python
+    cargo run --release --bin xentd                                # in another terminal
+    .venv/bin/python examples/python/quickstart.py                 # --address, or $XENT_ADDRESS
 
-The xent.v1 stubs are generated from proto/xent/v1/xent.proto when the script starts (see
-xent_stubs.py beside it); to generate them once instead, run from the repository root
-
-    python -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. xent/v1/xent.proto
-
-and import `xent.v1.xent_pb2` and `xent.v1.xent_pb2_grpc` directly.
+xent_client sends numpy arrays as raw little-endian tensors and returns numpy arrays in the
+logits' dtype. For the bare gRPC API (stubs generated from proto/xent/v1/xent.proto), see
+xent_stubs.py beside this file and tests/python.
 """
 
 import argparse
+import os
 
-import grpc
 import numpy as np
 
-import xent_stubs
-from xent_stubs import from_tensor, to_tensor
+from xent_client import Client, XentError
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default="127.0.0.1:50051", help="xentd's HOST:PORT")
+    parser.add_argument(
+        "--address", default=os.environ.get("XENT_ADDRESS") or "127.0.0.1:50051", help="xentd's HOST:PORT"
+    )
     args = parser.parse_args()
+    np.set_printoptions(precision=7, suppress=True)
 
-    stubs = xent_stubs.load()
-    pb = stubs.pb
-
-    # Two examples, three classes. Each label row is a probability distribution (here one-hot).
+    # Two examples, three classes. Each dense label row is a distribution (here one-hot).
     logits = np.array([[1.0, 2.0, 0.5], [0.2, 0.8, 1.5]], dtype=np.float32)
     labels = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    class_ids = np.array([1, 2])
 
-    with grpc.insecure_channel(args.address) as channel:
-        xent = stubs.grpc.XentStub(channel)
-
-        # Per-example losses and d loss / d logits. to_tensor sends the arrays as little-endian
-        # raw bytes; the response comes back the same way and from_tensor reads it with numpy.
-        response = xent.Evaluate(
-            pb.EvaluateRequest(
-                request_id="quickstart-1",
-                loss=pb.LOSS_KIND_SOFTMAX_CROSS_ENTROPY,
-                logits=to_tensor(pb, logits),
-                labels=to_tensor(pb, labels),
-            ),
-            timeout=10,
-        )
-        print("per-example loss:", from_tensor(pb, response.loss))  # [0.4643688 0.5704806]
+    with Client(args.address, timeout=10) as xent:
+        # Float labels shaped like the logits: softmax_cross_entropy, per example (reduction
+        # "none", the default), with d loss / d logits.
+        r = xent.evaluate(logits, labels)
+        print("per-example loss:", r.loss)
         print("d loss / d logits:")
-        print(from_tensor(pb, response.grad_logits))
+        print(r.grad_logits)
 
-        # The same batch as class ids, reduced to the mean loss (a shape [] tensor). The gradient
-        # is that of the mean, scaled by the upstream gradient (1 when none is sent).
-        class_ids = np.array([1, 2], dtype=np.int64)
-        response = xent.Evaluate(
-            pb.EvaluateRequest(
-                request_id="quickstart-2",
-                loss=pb.LOSS_KIND_SPARSE_SOFTMAX_CROSS_ENTROPY,
-                logits=to_tensor(pb, logits),
-                labels=to_tensor(pb, class_ids),
-                reduction=pb.REDUCTION_MEAN,
-            ),
-            timeout=10,
-        )
-        print("mean loss:", float(from_tensor(pb, response.loss)))  # 0.5174247
+        # The same batch as class ids (sparse_softmax_cross_entropy), reduced to the mean. The
+        # gradient is that of the mean (times the upstream gradient, 1 when none is sent).
+        r = xent.evaluate(logits, class_ids, reduction="mean")
+        print("mean loss:", r.loss)
         print("d mean loss / d logits:")
-        print(from_tensor(pb, response.grad_logits))
+        print(r.grad_logits)
+
+        # PyTorch's weight is xent's class_weights, and reduction "mean" is the weighted mean.
+        r = xent.evaluate(logits, class_ids, class_weights=[1.0, 2.0, 0.5], reduction="mean", label_smoothing=0.1)
+        print("weighted mean with label smoothing 0.1:", r.loss)
+
+        # A bad request is INVALID_ARGUMENT, with a message that names the field at fault.
+        try:
+            xent.evaluate(logits, np.array([1, 3]))
+        except XentError as err:
+            print(err)
 
 
 if __name__ == "__main__":

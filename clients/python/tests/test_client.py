@@ -153,3 +153,26 @@ def test_generated_stubs_are_up_to_date():
     script = HERE.parent / "scripts" / "generate_stubs.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, f"stale stubs; run {script}\n{done.stderr}"
+
+
+def test_dependency_floors_are_those_of_the_generated_stubs():
+    import re
+    import tomllib
+
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    try:
+        import generate_stubs
+    finally:
+        sys.path.pop(0)
+    generated = HERE.parent / "xent_client" / "_generated"
+    dependencies = tomllib.loads((HERE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+
+    def floor(package: str) -> str:
+        [spec] = [d for d in dependencies if re.match(rf"{package}\s*>=", d)]
+        return re.match(rf"{package}\s*>=\s*([0-9.]+)", spec).group(1)
+
+    # The protobuf runtime the _pb2 gencode was written for, and the grpcio its _pb2_grpc asks for.
+    gencode = re.search(r"^# Protobuf Python Version: ([0-9.]+)$", (generated / "xent_pb2.py").read_text(), re.M)
+    grpc_version = re.search(r"^GRPC_GENERATED_VERSION = '([0-9.]+)'$", (generated / "xent_pb2_grpc.py").read_text(), re.M)
+    assert floor("protobuf") == gencode.group(1)
+    assert floor("grpcio") == grpc_version.group(1) == generate_stubs.GENERATOR

@@ -12,21 +12,51 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence, TypedDict
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from xent_client._generated import xent_pb2 as pb
 from xent_client._generated import xent_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "AsyncClient", "Result", "XentError", "RetryPolicy"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Client", "AsyncClient", "Result", "XentError", "RetryPolicy", "Options"]
 
 MAX_MESSAGE_BYTES = 256 << 20
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+Loss = Literal["softmax_cross_entropy", "sparse_softmax_cross_entropy"]
+Reduction = Literal["none", "sum", "mean", "sum_over_batch_size", "sum_by_nonzero_weights"]
+Output = Literal["loss", "grad_logits", "grad_labels"]
+
+
+class Options(TypedDict, total=False):
+    """The keyword options of `Client.evaluate`, named and typed as in the API (see
+    `build_request` for their defaults)."""
+
+    loss: Loss | None
+    axis: int
+    label_smoothing: float
+    class_weights: npt.ArrayLike | None
+    sample_weights: npt.ArrayLike | None
+    ignore_index: int | None
+    from_logits: bool
+    z_loss: float
+    reduction: Reduction
+    upstream: npt.ArrayLike | None
+    outputs: Iterable[Output]
+    typed: bool
+    request_id: str
+
 
 REDUCTIONS = {
     "none": pb.REDUCTION_NONE,
@@ -57,15 +87,16 @@ _DTYPES = {
 _BY_ENUM = {enum: (name, field) for name, (enum, field) in _DTYPES.items()}
 
 
-def _numpy_dtype(name: str) -> np.dtype:
+def _numpy_dtype(name: str) -> np.dtype[Any]:
     if name == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
     return np.dtype(name)
 
 
-def to_tensor(array, *, typed: bool = False) -> pb.Tensor:
+def to_tensor(array: npt.ArrayLike, *, typed: bool = False) -> pb.Tensor:
     """A Tensor holding `array`; its numpy dtype picks the wire dtype."""
     array = np.asarray(array)
     if array.dtype.name not in _DTYPES:
@@ -85,7 +116,7 @@ def to_tensor(array, *, typed: bool = False) -> pb.Tensor:
     return tensor
 
 
-def from_tensor(tensor: pb.Tensor) -> np.ndarray:
+def from_tensor(tensor: pb.Tensor) -> npt.NDArray[Any]:
     """The numpy array a Tensor holds, raw or typed."""
     if tensor.dtype not in _BY_ENUM:
         raise ValueError(f"tensor has unknown dtype {tensor.dtype}")
@@ -105,7 +136,7 @@ class XentError(Exception):
     """A call failed: `code` is the grpc.StatusCode, `details` the server's message (which
     starts with the field at fault for INVALID_ARGUMENT)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
@@ -142,28 +173,28 @@ class Result:
     """The outputs asked for (None otherwise), in the logits' dtype, and the numerical
     health of the request."""
 
-    loss: np.ndarray | None
-    grad_logits: np.ndarray | None
-    grad_labels: np.ndarray | None
+    loss: npt.NDArray[Any] | None
+    grad_logits: npt.NDArray[Any] | None
+    grad_labels: npt.NDArray[Any] | None
     request_id: str = ""
     health: Health = field(default_factory=Health)
 
 
 def build_request(
-    logits,
-    labels,
+    logits: npt.ArrayLike,
+    labels: npt.ArrayLike,
     *,
-    loss: str | None = None,
+    loss: Loss | None = None,
     axis: int = -1,
     label_smoothing: float = 0.0,
-    class_weights=None,
-    sample_weights=None,
+    class_weights: npt.ArrayLike | None = None,
+    sample_weights: npt.ArrayLike | None = None,
     ignore_index: int | None = None,
     from_logits: bool = True,
     z_loss: float = 0.0,
-    reduction: str = "none",
-    upstream=None,
-    outputs: Iterable[str] = ("loss", "grad_logits"),
+    reduction: Reduction = "none",
+    upstream: npt.ArrayLike | None = None,
+    outputs: Iterable[Output] = ("loss", "grad_logits"),
     typed: bool = False,
     request_id: str = "",
 ) -> pb.EvaluateRequest:
@@ -179,12 +210,12 @@ def build_request(
         raise ValueError(f"reduction {reduction!r}: expected one of {sorted(REDUCTIONS)}")
     if loss == "sparse_softmax_cross_entropy" and labels.dtype.name not in ("int32", "int64"):
         labels = labels.astype(np.int64)
-    outputs = list(outputs)
-    for o in outputs:
+    wanted = list(outputs)
+    for o in wanted:
         if o not in OUTPUTS:
             raise ValueError(f"output {o!r}: expected some of {sorted(OUTPUTS)}")
 
-    def weights(w):
+    def weights(w: npt.ArrayLike | None) -> pb.Tensor | None:
         if w is None:
             return None
         w = np.asarray(w)
@@ -202,7 +233,7 @@ def build_request(
         from_logits=from_logits,
         z_loss=z_loss,
         reduction=REDUCTIONS[reduction],
-        outputs=[OUTPUTS[o] for o in outputs],
+        outputs=[OUTPUTS[o] for o in wanted],
         response_encoding=pb.ENCODING_TYPED if typed else pb.ENCODING_RAW,
     )
     if ignore_index is not None:
@@ -217,7 +248,7 @@ def build_request(
 def decode_response(resp: pb.EvaluateResponse) -> Result:
     """numpy arrays of a response."""
 
-    def get(name):
+    def get(name: str) -> npt.NDArray[Any] | None:
         return from_tensor(getattr(resp, name)) if resp.HasField(name) else None
 
     h = resp.health
@@ -233,7 +264,10 @@ def _channel_options() -> list[tuple[str, object]]:
     ]
 
 
-def _targets(endpoints: str | Sequence[str]) -> list[str]:
+def _targets(endpoints: str | Sequence[str] | None) -> list[str]:
+    if endpoints is None:
+        # As the xent CLI's --address.
+        endpoints = os.environ.get("XENT_ADDRESS") or DEFAULT_ADDRESS
     if isinstance(endpoints, str):
         endpoints = [e for e in endpoints.split(",") if e]
     targets = [e.removeprefix("http://") for e in endpoints]
@@ -246,17 +280,18 @@ def _targets(endpoints: str | Sequence[str]) -> list[str]:
 
 class Client:
     """A synchronous client. `endpoints` is "host:port", a comma-separated list, or a list;
-    calls go round-robin over them. `timeout` (seconds) is the default deadline of each call.
+    calls go round-robin over them. None means $XENT_ADDRESS, as for the xent CLI, or else
+    127.0.0.1:50051. `timeout` (seconds) is the default deadline of each call.
     Use as a context manager, or call close()."""
 
     def __init__(
         self,
-        endpoints: str | Sequence[str] = "127.0.0.1:50051",
+        endpoints: str | Sequence[str] | None = None,
         *,
         timeout: float | None = None,
         retry: RetryPolicy = RetryPolicy(),
         typed: bool = False,
-    ):
+    ) -> None:
         self._channels = [grpc.insecure_channel(t, options=_channel_options()) for t in _targets(endpoints)]
         self._stubs = [pb_grpc.XentStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
@@ -276,10 +311,12 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def evaluate(self, logits, labels, *, timeout: float | None = None, **options) -> Result:
+    def evaluate(
+        self, logits: npt.ArrayLike, labels: npt.ArrayLike, *, timeout: float | None = None, **options: Unpack[Options]
+    ) -> Result:
         """Loss and gradients for `logits` and `labels` (numpy arrays); keyword options as in
         the API: loss, axis, label_smoothing, class_weights, sample_weights, ignore_index,
         from_logits, z_loss, reduction, upstream, outputs, request_id."""
@@ -297,7 +334,7 @@ class Client:
                 raise XentError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout} s")
             stub = self._stubs[next(self._next)]
             try:
-                response = stub.Evaluate(request, timeout=left)
+                response: pb.EvaluateResponse = stub.Evaluate(request, timeout=left)
                 self.calls += 1
                 self.codes["OK"] += 1
                 return response
@@ -319,12 +356,12 @@ class AsyncClient:
 
     def __init__(
         self,
-        endpoints: str | Sequence[str] = "127.0.0.1:50051",
+        endpoints: str | Sequence[str] | None = None,
         *,
         timeout: float | None = None,
         retry: RetryPolicy = RetryPolicy(),
         typed: bool = False,
-    ):
+    ) -> None:
         self._channels = [grpc.aio.insecure_channel(t, options=_channel_options()) for t in _targets(endpoints)]
         self._stubs = [pb_grpc.XentStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
@@ -341,10 +378,12 @@ class AsyncClient:
     async def __aenter__(self) -> "AsyncClient":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def evaluate(self, logits, labels, *, timeout: float | None = None, **options) -> Result:
+    async def evaluate(
+        self, logits: npt.ArrayLike, labels: npt.ArrayLike, *, timeout: float | None = None, **options: Unpack[Options]
+    ) -> Result:
         """As Client.evaluate."""
         options.setdefault("typed", self.typed)
         return decode_response(await self.evaluate_raw(build_request(logits, labels, **options), timeout=timeout))
@@ -360,7 +399,7 @@ class AsyncClient:
                 raise XentError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout} s")
             stub = self._stubs[next(self._next)]
             try:
-                response = await stub.Evaluate(request, timeout=left)
+                response: pb.EvaluateResponse = await stub.Evaluate(request, timeout=left)
                 self.calls += 1
                 self.codes["OK"] += 1
                 return response

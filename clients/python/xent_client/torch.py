@@ -9,26 +9,44 @@ losses). `cross_entropy` wraps it with `torch.nn.functional.cross_entropy`'s con
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import torch
+import numpy.typing as npt
+
+try:
+    import torch
+except ModuleNotFoundError as err:
+    if err.name != "torch":
+        raise
+    # torch is an optional dependency (the `torch` extra): say how to get it.
+    raise ImportError(
+        "xent_client.torch needs PyTorch, which is not installed: "
+        "pip install 'xent-client[torch]' (or pip install torch)",
+        name="torch",
+    ) from err
 
 from xent_client.client import Client
 
 __all__ = ["CrossEntropy", "cross_entropy"]
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def _to_numpy(t: torch.Tensor) -> npt.NDArray[Any]:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
 
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+        halves: npt.NDArray[Any] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return halves
+    array: npt.NDArray[Any] = t.numpy()
+    return array
 
 
-def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+def _from_numpy(a: npt.NDArray[Any] | None, like: torch.Tensor) -> torch.Tensor:
     # A copy: arrays decoded from a response are read-only views of its bytes, and torch
     # tensors must be writable.
+    if a is None:
+        raise ValueError("xentd's answer lacks an output that was asked for")
     if a.dtype.name == "bfloat16":
         t = torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
     else:
@@ -45,7 +63,7 @@ class CrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, client: Client, options: dict):
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, client: Client, options: dict[str, Any]) -> torch.Tensor:
         options = dict(options)
         for key in ("class_weights", "sample_weights"):
             if isinstance(options.get(key), torch.Tensor):
@@ -57,7 +75,7 @@ class CrossEntropy(torch.autograd.Function):
         return _from_numpy(r.loss, logits)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (grad,) = ctx.saved_tensors
         g = grad_output if ctx.reduced else grad_output.unsqueeze(ctx.axis)
         return grad * g.to(grad.dtype), None, None, None
@@ -73,7 +91,7 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     axis: int = 1,
-    **options,
+    **options: Any,
 ) -> torch.Tensor:
     """Like torch.nn.functional.cross_entropy (class axis 1 by default, reduction "mean"),
     computed by xentd. As in PyTorch, ignore_index (-100 by default) applies to class-index
@@ -86,4 +104,5 @@ def cross_entropy(
         opts["class_weights"] = weight
     if ignore_index is not None and not target.is_floating_point():
         opts["ignore_index"] = ignore_index
-    return CrossEntropy.apply(input, target, client, opts)
+    loss: torch.Tensor = CrossEntropy.apply(input, target, client, opts)
+    return loss
