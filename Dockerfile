@@ -4,8 +4,9 @@
 #   docker build -t xentd .                    # everything from source (pulls the Rust image)
 #   scripts/image                              # binaries built on this machine, no pull
 #
-# Stages, in this order so that either path builds only what it needs, with BuildKit or with
-# the legacy builder (which builds every stage up to its --target):
+# Stages, in this order so that `--target runtime-host` builds without the Rust image with
+# BuildKit and with the legacy builder alike (the legacy builder builds every stage before its
+# target; the default target therefore needs BuildKit, which skips stages it does not use):
 #   runtime-base  what every image holds besides the binaries: user, ports, health check
 #   runtime-host  runtime-base plus binaries built on the host by `scripts/image binaries`
 #   build         the same `scripts/image binaries` command, in the Rust image
