@@ -173,7 +173,7 @@ pub fn thread_split(cores: usize) -> (usize, usize) {
 impl Config {
     /// Checks every value, naming the flag of the first that makes no sense.
     pub fn validate(&self) -> Result<Settings, String> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let cores = crate::cpus::available();
         let (io, compute) = thread_split(cores);
         if self.max_message_bytes < MIB || self.max_message_bytes > 2048 * MIB {
             return Err(format!(

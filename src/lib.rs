@@ -16,6 +16,7 @@
 //! - [`bench`]: the load generator behind `xent bench`.
 //! - [`error`]: the one error enum and its mapping to gRPC status codes.
 //! - [`metrics`]: every exported metric's name and the Prometheus exporter.
+//! - [`cpus`]: the CPUs the process may use (cores and cgroup quota), for the default pools.
 #![deny(missing_docs)]
 
 pub mod api;
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod client;
 pub mod compute;
 pub mod config;
+pub mod cpus;
 pub mod dtype;
 pub mod error;
 pub mod eval;
