@@ -105,4 +105,4 @@ impl Level {
     }
 }
 
-pub(super) use row::{FastLabels, FastRow, fast_row};
+pub(super) use row::{FastLabels, RowCall, fast_row};
