@@ -29,7 +29,7 @@
 //! - **Unaligned `f32` is read where it lies.** A raw tensor reaches the kernel as the bytes
 //!   received (its offset in the gRPC message is whatever the framing made it, so three times
 //!   in four it is not 4-byte aligned). The lane loops read their values through
-//!   [`row`]'s `Lanes`: an `f32` slice, or little-endian bytes loaded with unaligned vector
+//!   `read`'s `Lanes`: an `f32` slice, or little-endian bytes loaded with unaligned vector
 //!   loads ([`lanes::Simd::load_le`]), and single elements with unaligned scalar loads. The
 //!   same values land in the same lanes, so aligned and unaligned inputs give the same bits
 //!   (tested at every level, logits and labels unaligned together and each alone). The body is
@@ -45,6 +45,7 @@
 
 pub mod exp;
 pub mod lanes;
+mod read;
 pub mod row;
 
 use std::sync::OnceLock;

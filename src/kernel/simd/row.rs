@@ -15,7 +15,8 @@
 //!    sums the `x - m` the loss needs;
 //! 4. the loss, from the sums ([`Factors`], [`sparse_a`]).
 //!
-//! Every lane loop goes through one driver, [`for_each_vector`].
+//! Every lane loop goes through one driver, [`for_each_vector`]; the `read` module says how the
+//! values reach the lanes.
 
 use half::{bf16, f16};
 
@@ -25,6 +26,7 @@ use super::exp::{W, exp, exp1};
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512};
 use super::lanes::{Portable, Simd};
+use super::read::{Lanes, RowIn};
 
 /// Elements per block: 4 KiB of `f32`, read twice from L1 in the statistics pass.
 pub const BLOCK: usize = 1024;
@@ -275,177 +277,6 @@ macro_rules! half_elem {
 }
 half_elem!(f16);
 half_elem!(bf16);
-
-/// `f32` values as the lane loops read them: an `f32` slice, or little-endian bytes at any
-/// alignment ([`LeF32`]).
-trait Lanes: Copy {
-    /// Number of values.
-    fn len(self) -> usize;
-    /// The [`W`] values at `i`.
-    fn load<S: Simd>(self, s: S, i: usize) -> S::V;
-    /// Copies the values at `i` into `out`.
-    fn copy_to(self, i: usize, out: &mut [f32]);
-    /// Value `j`.
-    fn at(self, j: usize) -> f32;
-    /// The vector at `i` of which `n` lanes are real: loaded straight when all are, else the
-    /// rest padded with `pad`.
-    #[inline(always)]
-    fn load_at<S: Simd>(self, s: S, i: usize, n: usize, pad: f32) -> S::V {
-        if n == W {
-            self.load(s, i)
-        } else {
-            let mut p = [pad; W];
-            self.copy_to(i, &mut p[..n]);
-            s.load(&p)
-        }
-    }
-}
-
-impl Lanes for &[f32] {
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f32]>::len(self)
-    }
-    #[inline(always)]
-    fn load<S: Simd>(self, s: S, i: usize) -> S::V {
-        s.load(self[i..i + W].try_into().unwrap())
-    }
-    #[inline(always)]
-    fn copy_to(self, i: usize, out: &mut [f32]) {
-        out.copy_from_slice(&self[i..i + out.len()]);
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        self[j]
-    }
-}
-
-/// Little-endian `f32` bytes at any alignment, read with unaligned vector loads.
-#[derive(Clone, Copy)]
-struct LeF32<'a>(&'a [u8]);
-
-impl Lanes for LeF32<'_> {
-    #[inline(always)]
-    fn len(self) -> usize {
-        self.0.len() / 4
-    }
-    #[inline(always)]
-    fn load<S: Simd>(self, s: S, i: usize) -> S::V {
-        s.load_le(self.0[4 * i..4 * (i + W)].try_into().unwrap())
-    }
-    #[inline(always)]
-    fn copy_to(self, i: usize, out: &mut [f32]) {
-        for (o, b) in out.iter_mut().zip(self.0[4 * i..].chunks_exact(4)) {
-            *o = f32::from_le_bytes(b.try_into().unwrap());
-        }
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        f32::from_le_bytes(self.0[4 * j..4 * j + 4].try_into().unwrap())
-    }
-}
-
-/// A row of logits or dense labels as the fast path reads it: each block as [`Lanes`], read
-/// in place (`f32`, aligned or not) or widened into a scratch block (halves).
-trait RowIn: Copy {
-    /// What the lane loops read a block as.
-    type Block<'b>: Lanes
-    where
-        Self: 'b;
-    /// Number of elements.
-    fn len(self) -> usize;
-    /// Elements `b..e` (at most [`BLOCK`]), in place or widened into `buf`.
-    fn block<'b>(self, b: usize, e: usize, buf: &'b mut [f32; BLOCK]) -> Self::Block<'b>
-    where
-        Self: 'b;
-    /// Element `j` as `f32`.
-    fn at(self, j: usize) -> f32;
-}
-
-impl RowIn for &[f32] {
-    type Block<'b>
-        = &'b [f32]
-    where
-        Self: 'b;
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f32]>::len(self)
-    }
-    #[inline(always)]
-    fn block<'b>(self, b: usize, e: usize, _buf: &'b mut [f32; BLOCK]) -> &'b [f32]
-    where
-        Self: 'b,
-    {
-        &self[b..e]
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        self[j]
-    }
-}
-
-impl RowIn for LeBytes<'_, f32> {
-    type Block<'b>
-        = LeF32<'b>
-    where
-        Self: 'b;
-    #[inline(always)]
-    fn len(self) -> usize {
-        LeBytes::len(&self)
-    }
-    #[inline(always)]
-    fn block<'b>(self, b: usize, e: usize, _buf: &'b mut [f32; BLOCK]) -> LeF32<'b>
-    where
-        Self: 'b,
-    {
-        LeF32(self.range(b..e).as_bytes())
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        self.get(j)
-    }
-}
-
-macro_rules! half_row {
-    ($t:ty) => {
-        impl RowIn for Elems<'_, $t> {
-            type Block<'b>
-                = &'b [f32]
-            where
-                Self: 'b;
-            #[inline(always)]
-            fn len(self) -> usize {
-                Elems::len(&self)
-            }
-            #[inline(always)]
-            fn block<'b>(self, b: usize, e: usize, buf: &'b mut [f32; BLOCK]) -> &'b [f32]
-            where
-                Self: 'b,
-            {
-                let out = &mut buf[..e - b];
-                match self {
-                    Elems::Slice(s) => {
-                        for (o, v) in out.iter_mut().zip(&s[b..e]) {
-                            *o = v.to_f32();
-                        }
-                    }
-                    Elems::Le(l) => {
-                        for (o, v) in out.iter_mut().zip(l.range(b..e).iter()) {
-                            *o = v.to_f32();
-                        }
-                    }
-                }
-                out
-            }
-            #[inline(always)]
-            fn at(self, j: usize) -> f32 {
-                self.get(j).to_f32()
-            }
-        }
-    };
-}
-half_row!(f16);
-half_row!(bf16);
 
 /// The one lane loop: `step(i, n)` for the vector at `i` of `len` values, `n` of its lanes
 /// real. Full vectors (`n == W`) run in a loop of their own, with no test for the tail in it;
@@ -1131,6 +962,14 @@ fn run_level<X: RowIn, Y: RowIn, T: FastElem>(level: Level, row: Row<'_, '_, X, 
 mod tests {
     use super::*;
 
+    fn dense<Y>(y: Y, keep: f64, add: f64) -> FastLabels<Y> {
+        FastLabels::Dense { y, keep, add }
+    }
+
+    fn sparse<Y>(target: usize, keep: f64, add: f64) -> FastLabels<Y> {
+        FastLabels::Sparse { target, keep, add }
+    }
+
     fn row(c: usize) -> (Vec<f32>, Vec<f32>) {
         let x = (0..c)
             .map(|k| ((k * 7919) % 1013) as f32 / 37.0 - 13.0)
@@ -1152,31 +991,11 @@ mod tests {
                 }
             }
             let labels = [
-                FastLabels::Dense {
-                    y: Elems::Slice(&y),
-                    keep: 0.9,
-                    add: 0.1 / c as f64,
-                },
-                FastLabels::Dense {
-                    y: Elems::Slice(&y),
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Sparse {
-                    target: c / 3,
-                    keep: 1.0,
-                    add: -0.0,
-                },
-                FastLabels::Sparse {
-                    target: c / 2,
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Sparse {
-                    target: c - 1,
-                    keep: 0.8,
-                    add: 0.2 / c as f64,
-                },
+                dense(Elems::Slice(&y), 0.9, 0.1 / c as f64),
+                dense(Elems::Slice(&y), 1.0, 0.0),
+                sparse(c / 3, 1.0, -0.0),
+                sparse(c / 2, 1.0, 0.0),
+                sparse(c - 1, 0.8, 0.2 / c as f64),
             ];
             // Each gradient loop: with and without smoothing, unit scale or not.
             for (lab, scale) in labels.iter().flat_map(|l| [(l, 0.5), (l, 1.0)]) {
@@ -1218,22 +1037,10 @@ mod tests {
         fn four_labels<T: FastElem>(y: Elems<'_, T>, c: usize) -> [FastLabels<Elems<'_, T>>; 4] {
             let (keep, add) = (0.9, 0.1 / c as f64);
             [
-                FastLabels::Dense {
-                    y,
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Dense { y, keep, add },
-                FastLabels::Sparse {
-                    target: c / 2,
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Sparse {
-                    target: c - 1,
-                    keep,
-                    add,
-                },
+                dense(y, 1.0, 0.0),
+                dense(y, keep, add),
+                sparse(c / 2, 1.0, 0.0),
+                sparse(c - 1, keep, add),
             ]
         }
         fn check<T: FastElem>() {
@@ -1315,11 +1122,7 @@ mod tests {
                 .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
             let sum: f64 = x.iter().map(|&v| (f64::from(v) - m).exp()).sum();
             let target = c / 3;
-            let lab = FastLabels::Sparse {
-                target,
-                keep: 1.0,
-                add: 0.0,
-            };
+            let lab = sparse(target, 1.0, 0.0);
             for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                 let mut g = vec![0.0f32; c];
                 let loss = fast_row(
@@ -1353,11 +1156,7 @@ mod tests {
         // Class ids with smoothing 1: the target's own share is 0, the smoothing share 1/C
         // meets the -inf logit, so the loss is +inf, not 0 * -inf = NaN.
         let x = [f32::NEG_INFINITY, 0.0];
-        let lab = FastLabels::Sparse {
-            target: 0,
-            keep: 0.0,
-            add: 0.5,
-        };
+        let lab = sparse(0, 0.0, 0.5);
         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
             let loss = fast_row(
                 level,
@@ -1377,16 +1176,12 @@ mod tests {
 
     #[test]
     fn non_finite_rules_hold_on_the_fast_path() {
-        let sparse = FastLabels::Sparse {
-            target: 1,
-            keep: 1.0,
-            add: 0.0,
-        };
+        let labels = sparse(1, 1.0, 0.0);
         let run = |x: &[f32], grad: Option<&mut [f32]>| {
             let row = Row {
                 scratch: &mut Scratch::new(),
                 x: Elems::Slice(x),
-                labels: sparse,
+                labels,
                 z_loss: 0.0,
                 grad,
                 scale: 1.0,
