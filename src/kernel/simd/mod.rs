@@ -43,6 +43,11 @@
 //! benchmarks and for the instruction-count guard (`scripts/kernel-guard`); `general` turns the
 //! fast path off so every row takes the general path of [`super::rows`].
 
+// The crate denies unsafe code (Cargo.toml's `[lints]`); this module alone needs it: the
+// `core::arch` intrinsics of `lanes` are unsafe to call, and so are the `#[target_feature]`
+// copies of the row body in `row`. Each block says why it is sound.
+#![allow(unsafe_code)]
+
 pub mod exp;
 pub mod lanes;
 mod read;
