@@ -13,7 +13,8 @@
 //! 3. the gradient pass: [`Passes::gradient_from_kept`] rescales the kept exponentials,
 //!    [`Passes::dense_gradient`] and [`Passes::sparse_gradient`] compute them again; each also
 //!    sums the `x - m` the loss needs;
-//! 4. the loss, from the sums ([`Factors`], [`sparse_a`]).
+//! 4. the loss, from the sums ([`Factors`], [`sparse_a`]); term by term in a row whose labels
+//!    sum to an infinity, as the general path does (`rows::loss_term_by_term`).
 //!
 //! Every lane loop goes through one driver, [`for_each_vector`]; the `read` module says how the
 //! values reach the lanes.
@@ -21,6 +22,7 @@
 use half::{bf16, f16};
 
 use super::super::input::{Elems, LeBytes};
+use super::super::rows;
 use super::Level;
 use super::exp::{W, exp, exp1};
 #[cfg(target_arch = "x86_64")]
@@ -903,8 +905,18 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(s: S, row: Row<'_, '_, X, Y, T
             sparse_a(f.keep, f.add, dt, &sums)
         }
     };
+    let cross_entropy = match labels {
+        // Rare: an infinite label. `A` holds `inf * 0` at a class holding the maximum.
+        FastLabels::Dense { y, keep, add } if f.y_sum.is_infinite() => {
+            rows::loss_term_by_term((0..c).map(|j| {
+                let log_softmax = (f64::from(x.at(j)) - f64::from(f.m)) - f.log_s;
+                (f64::from(y.at(j)) * keep + add, log_softmax)
+            }))
+        }
+        _ => f.log_s * f.y_sum - a,
+    };
     FastRow {
-        loss: f.log_s * f.y_sum - a + z_loss * f.lse * f.lse,
+        loss: cross_entropy + z_loss * f.lse * f.lse,
         nonfinite,
         label_sum: st.label_sum,
     }
@@ -1171,6 +1183,52 @@ mod tests {
             )
             .loss;
             assert_eq!(loss, f64::INFINITY, "{level:?}");
+        }
+    }
+
+    /// A dense label of +inf or -inf at the class holding the maximum gives an infinite loss of
+    /// its sign (the term `-y_j log_softmax_j`; `log S * Y - A` met `inf * 0` there) at every
+    /// level, with the same bits, with and without smoothing and a gradient, in rows of one
+    /// block and of several.
+    #[test]
+    fn infinite_labels_at_the_maximum_give_infinite_losses_at_every_level() {
+        for c in [3, 17, 1025, 5000] {
+            let (x, mut y) = row(c);
+            let top = (0..c).fold(0, |b, j| if x[j] > x[b] { j } else { b });
+            for (label, want) in [
+                (f32::INFINITY, f64::INFINITY),
+                (f32::NEG_INFINITY, -f64::INFINITY),
+            ] {
+                y[top] = label;
+                for labels in [
+                    dense(Elems::Slice(&y), 1.0, 0.0),
+                    dense(Elems::Slice(&y), 0.9, 0.1 / c as f64),
+                ] {
+                    for with_grad in [false, true] {
+                        let mut first = None;
+                        for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                            let mut g = vec![0.0f32; c];
+                            let out = fast_row(
+                                level,
+                                Row {
+                                    scratch: &mut Scratch::new(),
+                                    x: Elems::Slice(&x),
+                                    labels,
+                                    z_loss: 1e-4,
+                                    grad: with_grad.then_some(&mut g[..]),
+                                    scale: 0.5,
+                                },
+                            );
+                            assert_eq!(out.loss, want, "C = {c}, {level:?}, grad {with_grad}");
+                            let bits: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+                            match &first {
+                                None => first = Some(bits),
+                                Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
