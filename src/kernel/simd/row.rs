@@ -982,6 +982,30 @@ mod tests {
         FastLabels::Sparse { target, keep, add }
     }
 
+    /// One `f32` row at `level`, with fresh scratch buffers.
+    fn run(
+        level: Level,
+        x: &[f32],
+        labels: FastLabels<Elems<'_, f32>>,
+        z_loss: f64,
+        grad: Option<&mut [f32]>,
+        scale: f64,
+    ) -> FastRow {
+        let scratch = &mut Scratch::new();
+        let x = Elems::Slice(x);
+        fast_row(
+            level,
+            Row {
+                scratch,
+                x,
+                labels,
+                z_loss,
+                grad,
+                scale,
+            },
+        )
+    }
+
     fn row(c: usize) -> (Vec<f32>, Vec<f32>) {
         let x = (0..c)
             .map(|k| ((k * 7919) % 1013) as f32 / 37.0 - 13.0)
@@ -1014,18 +1038,7 @@ mod tests {
                 let mut first: Option<(u64, Vec<u32>)> = None;
                 for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                     let mut g = vec![0.0f32; c];
-                    let loss = fast_row(
-                        level,
-                        Row {
-                            scratch: &mut Scratch::new(),
-                            x: Elems::Slice(&x),
-                            labels: *lab,
-                            z_loss: 1e-4,
-                            grad: Some(&mut g),
-                            scale,
-                        },
-                    )
-                    .loss;
+                    let loss = run(level, &x, *lab, 1e-4, Some(&mut g), scale).loss;
                     let bits = (
                         loss.to_bits(),
                         g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -1137,17 +1150,7 @@ mod tests {
             let lab = sparse(target, 1.0, 0.0);
             for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                 let mut g = vec![0.0f32; c];
-                let loss = fast_row(
-                    level,
-                    Row {
-                        scratch: &mut Scratch::new(),
-                        x: Elems::Slice(&x),
-                        labels: lab,
-                        z_loss: 0.0,
-                        grad: Some(&mut g),
-                        scale: 1.0,
-                    },
-                );
+                let loss = run(level, &x, lab, 0.0, Some(&mut g), 1.0);
                 let want = m + sum.ln() - f64::from(x[target]);
                 assert!(
                     (loss.loss - want).abs() <= 3e-5 * want.abs(),
@@ -1170,18 +1173,7 @@ mod tests {
         let x = [f32::NEG_INFINITY, 0.0];
         let lab = sparse(0, 0.0, 0.5);
         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
-            let loss = fast_row(
-                level,
-                Row {
-                    scratch: &mut Scratch::new(),
-                    x: Elems::Slice(&x),
-                    labels: lab,
-                    z_loss: 0.0,
-                    grad: None,
-                    scale: 1.0,
-                },
-            )
-            .loss;
+            let loss = run(level, &x, lab, 0.0, None, 1.0).loss;
             assert_eq!(loss, f64::INFINITY, "{level:?}");
         }
     }
@@ -1208,16 +1200,13 @@ mod tests {
                         let mut first = None;
                         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                             let mut g = vec![0.0f32; c];
-                            let out = fast_row(
+                            let out = run(
                                 level,
-                                Row {
-                                    scratch: &mut Scratch::new(),
-                                    x: Elems::Slice(&x),
-                                    labels,
-                                    z_loss: 1e-4,
-                                    grad: with_grad.then_some(&mut g[..]),
-                                    scale: 0.5,
-                                },
+                                &x,
+                                labels,
+                                1e-4,
+                                with_grad.then_some(&mut g[..]),
+                                0.5,
                             );
                             assert_eq!(out.loss, want, "C = {c}, {level:?}, grad {with_grad}");
                             let bits: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
@@ -1236,15 +1225,7 @@ mod tests {
     fn non_finite_rules_hold_on_the_fast_path() {
         let labels = sparse(1, 1.0, 0.0);
         let run = |x: &[f32], grad: Option<&mut [f32]>| {
-            let row = Row {
-                scratch: &mut Scratch::new(),
-                x: Elems::Slice(x),
-                labels,
-                z_loss: 0.0,
-                grad,
-                scale: 1.0,
-            };
-            fast_row(Level::detected(), row).loss
+            run(Level::detected(), x, labels, 0.0, grad, 1.0).loss
         };
         let mut g = vec![0.0f32; 20];
         let mut x = vec![0.0f32; 20];
