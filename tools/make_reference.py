@@ -233,6 +233,13 @@ def build_cases() -> list[Case]:
           logits=[[1.0, 2.0, 0.5], [0.2, 0.8, 1.5], [0.0, 1.0, 2.0], [0.5, -1.0, 1.0]],
           labels=[[0.0, 1.0, 0.0], [nan, 0.5, 0.5], [0.25, 0.25, 0.5], [0.5, 0.0, 0.5]],
           sample_weights=[1.0, 1.0, nan, 2.0])
+    # Infinite labels: +inf at the class holding the maximum (alone, and beside finite labels),
+    # -inf there, +inf elsewhere, and a finite row; the loss is -y_j * log_softmax_j, infinite.
+    dense("dense_inf_labels_at_max_f64", "float64",
+          logits=[[1.0, 2.0, 0.5, 0.0], [0.3, -1.0, 2.5, 0.1], [1.0, 0.5, 0.0, -0.5], [0.0, 1.5, -2.0, 0.5],
+                  [0.2, 0.4, 0.6, 0.8]],
+          labels=[[0.0, pi, 0.0, 0.0], [0.25, 0.0, pi, 0.5], [ni, 0.0, 0.0, 0.0], [pi, 0.0, 0.0, 0.0],
+                  [0.25, 0.25, 0.25, 0.25]])
 
     # --- shapes: one class, one row, zero rows, rank 1 -------------------------------------------
     dense("dense_single_class_f64", "float64", shape=(3, 1))

@@ -414,61 +414,44 @@ impl<T: Element> FastInputs<'_, T> {
     ) -> f64 {
         use crate::dtype::DType;
         let c = self.classes;
-        let x = self.x.range(r * c..(r + 1) * c);
+        let (keep, add) = (self.keep, self.add);
         let y = self.y.map(|y| y.range(r * c..(r + 1) * c));
-        let target = match p.labels {
-            Labels::Sparse(ids) => ids.get(r) as usize,
-            Labels::Dense(_) => 0,
+        let labels = match (y, p.labels) {
+            (Some(y), _) => simd::FastLabels::Dense { y, keep, add },
+            (None, Labels::Sparse(ids)) => simd::FastLabels::Sparse {
+                target: ids.get(r) as usize,
+                keep,
+                add,
+            },
+            (None, Labels::Dense(_)) => unreachable!("dense labels have their elements"),
         };
-        let z = p.options.z_loss;
-        #[allow(clippy::too_many_arguments)]
-        fn go<U: simd::row::FastElem, T: Element>(
-            f: &FastInputs<'_, T>,
-            scratch: &mut simd::row::Scratch,
-            x: Elems<'_, T>,
-            y: Option<Elems<'_, T>>,
-            target: usize,
-            z: f64,
-            grad: Option<&mut [T]>,
-            scale: f64,
-            health: &mut Health,
-        ) -> f64 {
-            let labels = match y {
-                Some(y) => simd::FastLabels::Dense {
-                    y: y.cast::<U>(),
-                    keep: f.keep,
-                    add: f.add,
-                },
-                None => simd::FastLabels::Sparse {
-                    target,
-                    keep: f.keep,
-                    add: f.add,
-                },
-            };
-            let grad = grad.map(bytemuck::cast_slice_mut::<T, U>);
-            let out: simd::FastRow =
-                simd::fast_row(f.level, scratch, x.cast::<U>(), &labels, z, grad, scale);
-            health.nonfinite_inputs += u64::from(out.nonfinite);
-            if let simd::FastLabels::Dense { y, .. } = labels {
-                // Only a row whose sum is not finite holds a non-finite label.
-                let nonfinite = if out.label_sum.is_finite() {
-                    0
-                } else {
-                    (0..y.len())
-                        .map(|j| u32::from(!y.get(j).to_f32().is_finite()))
-                        .sum()
-                };
-                health.label_row(T::DTYPE, out.label_sum, nonfinite);
-            }
-            out.loss
-        }
-        let h = health;
-        match T::DTYPE {
-            DType::F32 => go::<f32, T>(self, scratch, x, y, target, z, grad, scale, h),
-            DType::BF16 => go::<half::bf16, T>(self, scratch, x, y, target, z, grad, scale, h),
-            DType::F16 => go::<half::f16, T>(self, scratch, x, y, target, z, grad, scale, h),
+        let row = simd::RowCall {
+            scratch,
+            x: self.x.range(r * c..(r + 1) * c),
+            labels,
+            z_loss: p.options.z_loss,
+            grad,
+            scale,
+        };
+        let out = match T::DTYPE {
+            DType::F32 => simd::fast_row(self.level, row.cast::<f32>()),
+            DType::BF16 => simd::fast_row(self.level, row.cast::<half::bf16>()),
+            DType::F16 => simd::fast_row(self.level, row.cast::<half::f16>()),
             _ => unreachable!("fast_inputs admits only types computed in f32"),
+        };
+        health.nonfinite_inputs += u64::from(out.nonfinite);
+        if let Some(y) = y {
+            // Only a row whose sum is not finite holds a non-finite label.
+            let nonfinite = if out.label_sum.is_finite() {
+                0
+            } else {
+                (0..y.len())
+                    .map(|j| u32::from(!y.get(j).to_f64().is_finite()))
+                    .sum()
+            };
+            health.label_row(T::DTYPE, out.label_sum, nonfinite);
         }
+        out.loss
     }
 }
 

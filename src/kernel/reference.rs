@@ -17,7 +17,8 @@
 //! Conventions, all from the contract:
 //! - a product `c * log(q)` whose coefficient `c` is exactly zero is zero, even when the
 //!   logarithm is `-inf` (`0 * log 0 = 0`, Deviation 4); the same holds for every derivative
-//!   of such a term, since the loss does not depend on it;
+//!   of such a term, since the loss does not depend on it; so is a smoothing share `(eps / C) w_j`
+//!   without smoothing, whatever the class weight `w_j`;
 //! - a row of logits holding NaN or `+inf`, or only `-inf`, has a NaN loss and NaN gradients;
 //! - an ignored row has loss 0, gradients 0 and effective weight 0, whatever its logits;
 //! - a reduction whose denominator is zero gives 0, and every gradient through it is 0 times
@@ -441,12 +442,13 @@ fn cross_entropy(
                 accurate_sum((0..classes).map(|j| times(w[j], log_p[j]))),
             );
             let loss = -target - spread;
+            // The smoothing share `(eps / C) w_j` is 0 without smoothing, whatever `w_j`.
             let coefficient = (0..classes)
                 .map(|j| {
                     if j == t {
-                        (1.0 - eps) * w[t] + eps / c * w[j]
+                        (1.0 - eps) * w[t] + times(eps / c, w[j])
                     } else {
-                        eps / c * w[j]
+                        times(eps / c, w[j])
                     }
                 })
                 .collect();

@@ -11,7 +11,9 @@
 //! `log S * Y - A` (plus the z-loss), i.e. `-sum_j y'_j log_softmax_j` with `log_softmax`
 //! formed as `(x_j - m) - log S`, and terms with `y'_j = 0` skipped so `-inf` logits at
 //! zero labels contribute nothing (spec Deviation 4). The gradient is
-//! `softmax_j * (Y + 2 z lse) - y'_j` (spec Deviation 1: the true gradient).
+//! `softmax_j * (Y + 2 z lse) - y'_j` (spec Deviation 1: the true gradient). Where `Y` is
+//! infinite (an infinite label or class weight) the loss is summed term by term instead
+//! ([`loss_term_by_term`]), as `A` would hold `inf * 0` at a class holding the maximum.
 //!
 //! Sums inside a row run in class order in `f64`, so a row's result depends on nothing but
 //! the row.
@@ -104,6 +106,9 @@ impl LabelRow for SparseRow<'_> {
     fn y(&self, j: usize) -> f64 {
         let hit = if j == self.target { self.keep_wt } else { 0.0 };
         match self.class_weights {
+            // Without smoothing there is no `(eps / C) w_j` term: an infinite class weight
+            // elsewhere does not enter the row (`0 * inf` would make it NaN).
+            Some(_) if self.add == 0.0 => hit,
             Some(w) => hit + self.add * w[j],
             None => hit + self.add,
         }
@@ -174,7 +179,15 @@ pub(super) fn logits_row<T: Element, L: LabelRow>(
     }
     let log_s = s.ln();
     let lse = m.into() + log_s;
-    let loss = log_s * y_sum - a + z_loss * lse * lse;
+    let loss = if y_sum.is_infinite() {
+        // `A` would hold `inf * 0` at a maximum's class: the terms one by one instead.
+        loss_term_by_term(x.iter().enumerate().map(|(j, &v)| {
+            let log_softmax = (v.load() - m).into() - log_s;
+            (labels.y(j), log_softmax)
+        }))
+    } else {
+        log_s * y_sum - a
+    } + z_loss * lse * lse;
 
     // Pass 3: gradients.
     if let Some(g) = grads.logits.as_mut() {
@@ -202,6 +215,18 @@ pub(super) fn logits_row<T: Element, L: LabelRow>(
         }
     }
     RowOut { loss, nonfinite }
+}
+
+/// `-sum_j y'_j log_softmax_j` from the pairs `(y'_j, log_softmax_j)`, a term with `y'_j = 0`
+/// contributing 0 (spec Deviation 4): the cross-entropy of a row whose effective labels sum to
+/// an infinity. There `log S * Y - A` is no longer the same sum: an infinite label at a class
+/// holding the maximum puts `inf * 0` (NaN) into `A`, where the term itself is
+/// `-inf * log_softmax_j`, infinite like the loss the frameworks give. Rows whose labels sum to
+/// NaN stay NaN either way; finite sums keep the fused formula.
+pub(super) fn loss_term_by_term(terms: impl Iterator<Item = (f64, f64)>) -> f64 {
+    -terms
+        .map(|(y, log_softmax)| if y == 0.0 { 0.0 } else { y * log_softmax })
+        .fold(0.0, |a, t| a + t)
 }
 
 /// The clip bound of probabilities (Keras's epsilon), exact in `f64`.

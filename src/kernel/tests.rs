@@ -230,3 +230,89 @@ fn label_sums_within_rounding_are_normalised() {
         1
     );
 }
+
+/// The loss and logits gradient of one row, in `T`, with optional class weights: the fast path
+/// takes float32 rows without them, the general path the rest.
+fn one_row<T: Element>(x: &[f64], labels: &[f64], ids: Option<i64>, w: Option<&[f64]>) -> Loss {
+    let c = x.len();
+    let l = Layout {
+        outer: 1,
+        classes: c,
+        inner: 1,
+    };
+    let x: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
+    let y: Vec<T> = labels.iter().map(|&v| T::from_f64(v)).collect();
+    let ids = ids.map(|t| [t]);
+    let p = Problem {
+        logits: view3(&x, l).unwrap().into(),
+        labels: match &ids {
+            Some(t) => Labels::Sparse(ClassIds::I64(t)),
+            None => Labels::Dense(view3(&y, l).unwrap().into()),
+        },
+        options: Options::default(),
+        class_weights: w,
+        sample_weights: None,
+        upstream: Upstream::Ones,
+    };
+    let mut g = vec![T::from_f64(0.0); c];
+    let grads = Grads {
+        logits: Some(view3_mut(&mut g, l).unwrap()),
+        labels: None,
+    };
+    evaluate(&p, grads).unwrap()
+}
+
+/// An infinite label is summed as `-y_j log_softmax_j`, infinite like TensorFlow's, PyTorch's
+/// and JAX's loss, also at the class holding the maximum, where the fused `log S * Y - A` met
+/// `inf * 0` (NaN); an infinite class weight likewise. On the general path (float64, class
+/// weights) and the fast one (float32 without class weights).
+#[test]
+fn infinite_labels_and_class_weights_give_infinite_losses() {
+    let (inf, nan) = (f64::INFINITY, f64::NAN);
+    let x = [1.0, 2.0, 0.5];
+    let ones = [1.0; 3];
+    let dense = [
+        ([0.0, inf, 0.0], inf),   // at the maximum
+        ([0.0, -inf, 0.0], -inf), // at the maximum
+        ([inf, 0.0, 0.0], inf),
+        ([0.25, inf, 0.5], inf),
+        ([inf, -inf, 0.0], nan),
+        ([nan, inf, 0.0], nan),
+    ];
+    let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+    for (y, want) in dense {
+        for w in [None, Some(&ones[..])] {
+            for loss in [
+                one_row::<f64>(&x, &y, None, w),
+                one_row::<f32>(&x, &y, None, w),
+            ] {
+                let Loss::PerExample(l) = loss else { panic!() };
+                assert!(same(l[0], want), "{y:?} {w:?}: {l:?}, want {want}");
+            }
+        }
+    }
+    // One class: log_softmax is 0 and `inf * 0` is NaN, as in the frameworks.
+    assert!(
+        matches!(one_row::<f32>(&[3.0], &[inf], None, None), Loss::PerExample(l) if l[0].is_nan())
+    );
+    // `exp(-200)` is 0 in float32, so `log S` is 0 there; the term is still `-inf * -200`.
+    let loss = one_row::<f32>(&[0.0, -200.0], &[0.0, inf], None, None);
+    assert_eq!(loss, Loss::PerExample(vec![inf]));
+    // Class ids: an infinite weight at the target (the maximum here) makes the loss infinite;
+    // elsewhere it does not enter the row.
+    let w = [1.0, inf, 1.0];
+    assert_eq!(
+        one_row::<f64>(&x, &[], Some(1), Some(&w)),
+        Loss::PerExample(vec![inf])
+    );
+    let lse = (1f64.exp() + 2f64.exp() + 0.5f64.exp()).ln();
+    let Loss::PerExample(l) = one_row::<f64>(&x, &[], Some(0), Some(&w)) else {
+        panic!()
+    };
+    assert!((l[0] - (lse - 1.0)).abs() < 1e-12, "{l:?}");
+    // Without weights a class id at the maximum is finite.
+    let Loss::PerExample(l) = one_row::<f32>(&x, &[], Some(1), None) else {
+        panic!()
+    };
+    assert!((l[0] - (lse - 2.0)).abs() < 1e-6, "{l:?}");
+}

@@ -240,6 +240,10 @@ mod x86 {
     }
 
     /// [`Simd::scale2`] on 8 lanes: `2^n` as two normal factors `2^(n/2)`, built from bits.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX2 (as it has wherever an [`Avx2`] token exists).
     #[inline(always)]
     unsafe fn scale2_256(e: __m256, t: __m256) -> __m256 {
         // SAFETY: called only from `Avx2`'s methods (the CPU has AVX2).

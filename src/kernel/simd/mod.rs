@@ -29,7 +29,7 @@
 //! - **Unaligned `f32` is read where it lies.** A raw tensor reaches the kernel as the bytes
 //!   received (its offset in the gRPC message is whatever the framing made it, so three times
 //!   in four it is not 4-byte aligned). The lane loops read their values through
-//!   [`row`]'s `Lanes`: an `f32` slice, or little-endian bytes loaded with unaligned vector
+//!   `read`'s `Lanes`: an `f32` slice, or little-endian bytes loaded with unaligned vector
 //!   loads ([`lanes::Simd::load_le`]), and single elements with unaligned scalar loads. The
 //!   same values land in the same lanes, so aligned and unaligned inputs give the same bits
 //!   (tested at every level, logits and labels unaligned together and each alone). The body is
@@ -43,8 +43,14 @@
 //! benchmarks and for the instruction-count guard (`scripts/kernel-guard`); `general` turns the
 //! fast path off so every row takes the general path of [`super::rows`].
 
+// The crate denies unsafe code (Cargo.toml's `[lints]`); this module alone needs it: the
+// `core::arch` intrinsics of `lanes` are unsafe to call, and so are the `#[target_feature]`
+// copies of the row body in `row`. Each block says why it is sound.
+#![allow(unsafe_code)]
+
 pub mod exp;
 pub mod lanes;
+mod read;
 pub mod row;
 
 use std::sync::OnceLock;
@@ -105,4 +111,4 @@ impl Level {
     }
 }
 
-pub(super) use row::{FastLabels, FastRow, fast_row};
+pub(super) use row::{FastLabels, RowCall, fast_row};

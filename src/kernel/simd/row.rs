@@ -3,15 +3,32 @@
 //! The formulas are those of [`super::super::rows`] (spec §1–3, Deviation 1 and 4), restricted
 //! to rows without class weights: effective labels `y'_j = y_j (1 - eps) + eps / C` (dense) or
 //! `(1 - eps) [j == t] + eps / C` (class id `t`).
+//!
+//! A row's call is one value, [`Row`]: its inputs, its scratch buffers, where its gradient goes
+//! and by what it is scaled. [`fast_row`] routes it to the copy of [`body`] compiled for the
+//! inputs' representation and the instruction set, and `body` runs the passes in order:
+//! 1. [`Passes::statistics`]: the maximum, the sum of exponentials and the label sum, block by
+//!    block, keeping each exponential where the gradient goes when it can;
+//! 2. [`count_nonfinite`], only in a row whose sums showed a NaN or an infinity;
+//! 3. the gradient pass: [`Passes::gradient_from_kept`] rescales the kept exponentials,
+//!    [`Passes::dense_gradient`] and [`Passes::sparse_gradient`] compute them again; each also
+//!    sums the `x - m` the loss needs;
+//! 4. the loss, from the sums ([`Factors`], [`sparse_a`]); term by term in a row whose labels
+//!    sum to an infinity, as the general path does (`rows::loss_term_by_term`).
+//!
+//! Every lane loop goes through one driver, [`for_each_vector`]; the `read` module says how the
+//! values reach the lanes.
 
 use half::{bf16, f16};
 
 use super::super::input::{Elems, LeBytes};
+use super::super::rows;
 use super::Level;
 use super::exp::{W, exp, exp1};
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512};
 use super::lanes::{Portable, Simd};
+use super::read::{Lanes, RowIn};
 
 /// Elements per block: 4 KiB of `f32`, read twice from L1 in the statistics pass.
 pub const BLOCK: usize = 1024;
@@ -52,6 +69,16 @@ impl<Y> FastLabels<Y> {
             &FastLabels::Sparse { target, keep, add } => FastLabels::Sparse { target, keep, add },
         }
     }
+
+    /// `(1 - eps, eps / C)`.
+    #[inline(always)]
+    fn smoothing(&self) -> (f64, f64) {
+        match *self {
+            FastLabels::Dense { keep, add, .. } | FastLabels::Sparse { keep, add, .. } => {
+                (keep, add)
+            }
+        }
+    }
 }
 
 /// Per-task buffers for widening halves and narrowing gradients: made once per block of rows
@@ -76,19 +103,72 @@ impl Scratch {
     }
 }
 
+/// One row's call on the fast path: the logits read as `X`, the labels (dense ones read as
+/// `Y`), and where `scale * d loss / d x` goes as `T`.
+pub struct Row<'s, 'g, X, Y, T> {
+    /// The task's buffers.
+    pub scratch: &'s mut Scratch,
+    /// The logits.
+    pub x: X,
+    /// The labels.
+    pub labels: FastLabels<Y>,
+    /// The z-loss coefficient.
+    pub z_loss: f64,
+    /// The gradient, when asked for.
+    pub grad: Option<&'g mut [T]>,
+    /// The gradient's factor: `d returned / d loss` times the upstream gradient.
+    pub scale: f64,
+}
+
+/// A row's call as the kernel makes it: logits and dense labels as elements of `T`, read in
+/// place, aligned or not.
+pub type RowCall<'s, 'g, 'a, T> = Row<'s, 'g, Elems<'a, T>, Elems<'a, T>, T>;
+
+impl<'s, 'g, X, Y, T> Row<'s, 'g, X, Y, T> {
+    /// The same call with the logits read as `x` and dense labels as `f` reads them.
+    #[inline(always)]
+    fn reading<X2, Y2>(self, x: X2, f: impl FnOnce(&Y) -> Y2) -> Row<'s, 'g, X2, Y2, T> {
+        Row {
+            scratch: self.scratch,
+            x,
+            labels: self.labels.map(f),
+            z_loss: self.z_loss,
+            grad: self.grad,
+            scale: self.scale,
+        }
+    }
+}
+
+impl<'s, 'g, 'a, T: bytemuck::Pod> RowCall<'s, 'g, 'a, T> {
+    /// The same call on the same memory as elements of `U`, of the same size and alignment
+    /// (panics otherwise): how a generic caller names the type it holds.
+    #[inline(always)]
+    pub fn cast<U: bytemuck::Pod>(self) -> RowCall<'s, 'g, 'a, U> {
+        let x = self.x.cast::<U>();
+        let grad = self.grad.map(bytemuck::cast_slice_mut::<T, U>);
+        let Row {
+            scratch,
+            labels,
+            z_loss,
+            scale,
+            ..
+        } = self;
+        Row {
+            scratch,
+            x,
+            labels: labels.map(|y| y.cast::<U>()),
+            z_loss,
+            grad,
+            scale,
+        }
+    }
+}
+
 /// Element types the fast path computes in `f32`.
 pub trait FastElem: bytemuck::Pod {
     /// Computes the row on the instruction set of `level`, each input read as it reads best:
     /// `f32` as a slice where aligned and as bytes where not, halves widened block by block.
-    fn route(
-        level: Level,
-        scratch: &mut Scratch,
-        x: Elems<'_, Self>,
-        labels: &FastLabels<Elems<'_, Self>>,
-        z_loss: f64,
-        grad: Option<&mut [Self]>,
-        scale: f64,
-    ) -> FastRow;
+    fn route(level: Level, row: RowCall<'_, '_, '_, Self>) -> FastRow;
     /// An `f32` view of `dst` to write the block's results into: `dst` itself, or for halves
     /// `buf`, which [`FastElem::narrow_from`] then rounds into `dst`.
     fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32];
@@ -117,17 +197,9 @@ impl FastElem for f32 {
     /// Aligned elements are read as slices, unaligned ones as bytes with unaligned vector
     /// loads; logits and dense labels independently (each is aligned or not on its own).
     #[inline(always)]
-    fn route(
-        level: Level,
-        sc: &mut Scratch,
-        x: Elems<'_, f32>,
-        labels: &FastLabels<Elems<'_, f32>>,
-        z: f64,
-        grad: Option<&mut [f32]>,
-        scale: f64,
-    ) -> FastRow {
-        let dense = match labels {
-            FastLabels::Dense { y, .. } => Some(*y),
+    fn route(level: Level, row: RowCall<'_, '_, '_, f32>) -> FastRow {
+        let dense = match row.labels {
+            FastLabels::Dense { y, .. } => Some(y),
             FastLabels::Sparse { .. } => None,
         };
         fn bytes<'a>(y: &Elems<'a, f32>) -> LeBytes<'a, f32> {
@@ -143,19 +215,13 @@ impl FastElem for f32 {
             }
         }
         // Class ids read no label row: they take the logits' representation.
-        match (x, dense) {
+        match (row.x, dense) {
             (Elems::Slice(x), None | Some(Elems::Slice(_))) => {
-                run_level(level, sc, x, &labels.map(slice), z, grad, scale)
+                run_level(level, row.reading(x, slice))
             }
-            (Elems::Le(x), None | Some(Elems::Le(_))) => {
-                run_level(level, sc, x, &labels.map(bytes), z, grad, scale)
-            }
-            (Elems::Slice(x), Some(Elems::Le(_))) => {
-                run_level(level, sc, x, &labels.map(bytes), z, grad, scale)
-            }
-            (Elems::Le(x), Some(Elems::Slice(_))) => {
-                run_level(level, sc, x, &labels.map(slice), z, grad, scale)
-            }
+            (Elems::Le(x), None | Some(Elems::Le(_))) => run_level(level, row.reading(x, bytes)),
+            (Elems::Slice(x), Some(Elems::Le(_))) => run_level(level, row.reading(x, bytes)),
+            (Elems::Le(x), Some(Elems::Slice(_))) => run_level(level, row.reading(x, slice)),
         }
     }
     #[inline(always)]
@@ -183,16 +249,8 @@ macro_rules! half_elem {
         impl FastElem for $t {
             /// Halves are widened into the scratch block whatever their alignment: one body.
             #[inline(always)]
-            fn route(
-                level: Level,
-                sc: &mut Scratch,
-                x: Elems<'_, $t>,
-                labels: &FastLabels<Elems<'_, $t>>,
-                z: f64,
-                grad: Option<&mut [$t]>,
-                scale: f64,
-            ) -> FastRow {
-                run_level(level, sc, x, labels, z, grad, scale)
+            fn route(level: Level, row: RowCall<'_, '_, '_, $t>) -> FastRow {
+                run_level(level, row)
             }
             #[inline(always)]
             fn out_view<'a>(dst: &'a mut [$t], buf: &'a mut [f32; BLOCK]) -> &'a mut [f32] {
@@ -222,223 +280,22 @@ macro_rules! half_elem {
 half_elem!(f16);
 half_elem!(bf16);
 
-/// `f32` values as the lane loops read them: an `f32` slice, or little-endian bytes at any
-/// alignment ([`LeF32`]).
-trait Lanes: Copy {
-    /// Number of values.
-    fn len(self) -> usize;
-    /// The [`W`] values at `i`.
-    fn load<S: Simd>(self, s: S, i: usize) -> S::V;
-    /// Copies the values at `i` into `out`.
-    fn copy_to(self, i: usize, out: &mut [f32]);
-    /// Value `j`.
-    fn at(self, j: usize) -> f32;
-}
-
-impl Lanes for &[f32] {
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f32]>::len(self)
-    }
-    #[inline(always)]
-    fn load<S: Simd>(self, s: S, i: usize) -> S::V {
-        s.load(self[i..i + W].try_into().unwrap())
-    }
-    #[inline(always)]
-    fn copy_to(self, i: usize, out: &mut [f32]) {
-        out.copy_from_slice(&self[i..i + out.len()]);
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        self[j]
-    }
-}
-
-/// Little-endian `f32` bytes at any alignment, read with unaligned vector loads.
-#[derive(Clone, Copy)]
-struct LeF32<'a>(&'a [u8]);
-
-impl Lanes for LeF32<'_> {
-    #[inline(always)]
-    fn len(self) -> usize {
-        self.0.len() / 4
-    }
-    #[inline(always)]
-    fn load<S: Simd>(self, s: S, i: usize) -> S::V {
-        s.load_le(self.0[4 * i..4 * (i + W)].try_into().unwrap())
-    }
-    #[inline(always)]
-    fn copy_to(self, i: usize, out: &mut [f32]) {
-        for (o, b) in out.iter_mut().zip(self.0[4 * i..].chunks_exact(4)) {
-            *o = f32::from_le_bytes(b.try_into().unwrap());
-        }
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        f32::from_le_bytes(self.0[4 * j..4 * j + 4].try_into().unwrap())
-    }
-}
-
-/// A row of logits or dense labels as the fast path reads it: each block as [`Lanes`], read
-/// in place (`f32`, aligned or not) or widened into a scratch block (halves).
-trait RowIn: Copy {
-    /// What the lane loops read a block as.
-    type Block<'b>: Lanes
-    where
-        Self: 'b;
-    /// Number of elements.
-    fn len(self) -> usize;
-    /// Elements `b..e` (at most [`BLOCK`]), in place or widened into `buf`.
-    fn block<'b>(self, b: usize, e: usize, buf: &'b mut [f32; BLOCK]) -> Self::Block<'b>
-    where
-        Self: 'b;
-    /// Element `j` as `f32`.
-    fn at(self, j: usize) -> f32;
-}
-
-impl RowIn for &[f32] {
-    type Block<'b>
-        = &'b [f32]
-    where
-        Self: 'b;
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f32]>::len(self)
-    }
-    #[inline(always)]
-    fn block<'b>(self, b: usize, e: usize, _buf: &'b mut [f32; BLOCK]) -> &'b [f32]
-    where
-        Self: 'b,
-    {
-        &self[b..e]
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        self[j]
-    }
-}
-
-impl RowIn for LeBytes<'_, f32> {
-    type Block<'b>
-        = LeF32<'b>
-    where
-        Self: 'b;
-    #[inline(always)]
-    fn len(self) -> usize {
-        LeBytes::len(&self)
-    }
-    #[inline(always)]
-    fn block<'b>(self, b: usize, e: usize, _buf: &'b mut [f32; BLOCK]) -> LeF32<'b>
-    where
-        Self: 'b,
-    {
-        LeF32(self.range(b..e).as_bytes())
-    }
-    #[inline(always)]
-    fn at(self, j: usize) -> f32 {
-        self.get(j)
-    }
-}
-
-macro_rules! half_row {
-    ($t:ty) => {
-        impl RowIn for Elems<'_, $t> {
-            type Block<'b>
-                = &'b [f32]
-            where
-                Self: 'b;
-            #[inline(always)]
-            fn len(self) -> usize {
-                Elems::len(&self)
-            }
-            #[inline(always)]
-            fn block<'b>(self, b: usize, e: usize, buf: &'b mut [f32; BLOCK]) -> &'b [f32]
-            where
-                Self: 'b,
-            {
-                let out = &mut buf[..e - b];
-                match self {
-                    Elems::Slice(s) => {
-                        for (o, v) in out.iter_mut().zip(&s[b..e]) {
-                            *o = v.to_f32();
-                        }
-                    }
-                    Elems::Le(l) => {
-                        for (o, v) in out.iter_mut().zip(l.range(b..e).iter()) {
-                            *o = v.to_f32();
-                        }
-                    }
-                }
-                out
-            }
-            #[inline(always)]
-            fn at(self, j: usize) -> f32 {
-                self.get(j).to_f32()
-            }
-        }
-    };
-}
-half_row!(f16);
-half_row!(bf16);
-
-/// Lane-wise loop over `x` in vectors of [`W`]: full vectors straight from the slice, the tail
-/// (if any) padded with `pad`. The full vectors have a loop of their own (no test for the tail
-/// in it); `f` is called there and once more for the tail. Callers mark their closures
+/// The one lane loop: `step(i, n)` for the vector at `i` of `len` values, `n` of its lanes
+/// real. Full vectors (`n == W`) run in a loop of their own, with no test for the tail in it;
+/// the tail, if any, runs once after. Steps read their vectors with [`Lanes::load_at`] (which
+/// pads a tail) and write them with [`store_at`]. Callers mark their closures
 /// `#[inline(always)]`: their vector operations compile for the caller's instruction set only
 /// when they are inlined, and with two call sites the compiler may not inline them otherwise.
 #[inline(always)]
-fn for_vectors<S: Simd>(s: S, x: impl Lanes, pad: f32, mut f: impl FnMut(S::V)) {
-    let len = x.len();
+fn for_each_vector(len: usize, mut step: impl FnMut(usize, usize)) {
     let full = len / W * W;
     let mut i = 0;
     while i < full {
-        f(x.load(s, i));
+        step(i, W);
         i += W;
     }
     if full < len {
-        let mut tail = [pad; W];
-        x.copy_to(full, &mut tail[..len - full]);
-        f(s.load(&tail));
-    }
-}
-
-/// Lane-wise loop over `x` (tail padded with `px`) and `y` (as long, tail padded with 0)
-/// together, as [`for_vectors`].
-#[inline(always)]
-fn for_vectors2<S: Simd>(
-    s: S,
-    x: impl Lanes,
-    px: f32,
-    y: impl Lanes,
-    mut f: impl FnMut(S::V, S::V),
-) {
-    let len = x.len();
-    assert_eq!(y.len(), len);
-    let full = len / W * W;
-    let mut i = 0;
-    while i < full {
-        f(x.load(s, i), y.load(s, i));
-        i += W;
-    }
-    if full < len {
-        let mut tx = [px; W];
-        x.copy_to(full, &mut tx[..len - full]);
-        let mut ty = [0.0; W];
-        y.copy_to(full, &mut ty[..len - full]);
-        f(s.load(&tx), s.load(&ty));
-    }
-}
-
-/// The vector of `v` at `i`, of which `n` lanes are real: straight from the slice when all
-/// are, else the rest padded with `pad`.
-#[inline(always)]
-fn load_at<S: Simd>(s: S, v: impl Lanes, i: usize, n: usize, pad: f32) -> S::V {
-    if n == W {
-        v.load(s, i)
-    } else {
-        let mut p = [pad; W];
-        v.copy_to(i, &mut p[..n]);
-        s.load(&p)
+        step(full, len - full);
     }
 }
 
@@ -452,88 +309,6 @@ fn store_at<S: Simd>(s: S, g: S::V, out: &mut [f32], i: usize, n: usize) {
     }
 }
 
-/// Lane-wise loop over `x` (tail padded with `px`) and `y` (tail padded with 0) together,
-/// writing what `f` returns into `out` when given; `f` is told how many lanes are real. Full
-/// vectors and the tail apart, as in [`for_vectors`].
-#[inline(always)]
-fn for_vectors_out<S: Simd>(
-    s: S,
-    x: impl Lanes,
-    px: f32,
-    y: Option<impl Lanes>,
-    mut out: Option<&mut [f32]>,
-    mut f: impl FnMut(S::V, S::V, usize) -> S::V,
-) {
-    let zero = s.splat(0.0);
-    let len = x.len();
-    let full = len / W * W;
-    // `match`, not `Option::map_or`: that is not always inlined, and a call in the loop costs
-    // it its registers.
-    let mut step = {
-        #[inline(always)]
-        |i: usize, n: usize| {
-            let xv = load_at(s, x, i, n, px);
-            let yv = match y {
-                Some(y) => load_at(s, y, i, n, 0.0),
-                None => zero,
-            };
-            let g = f(xv, yv, n);
-            if let Some(o) = out.as_deref_mut() {
-                store_at(s, g, o, i, n);
-            }
-        }
-    };
-    let mut i = 0;
-    while i < full {
-        step(i, W);
-        i += W;
-    }
-    if full < len {
-        step(full, len - full);
-    }
-}
-
-/// Lane-wise loop over `io` in place, beside `x` (tail padded with its pad) and `y` (tail padded
-/// with 0) when given; `f` gets the vector of `io`, of `x`, of `y` and how many lanes are real,
-/// and returns what to write back. Full vectors and the tail apart, as in [`for_vectors`].
-#[inline(always)]
-fn for_vectors_io<S: Simd>(
-    s: S,
-    io: &mut [f32],
-    x: Option<(impl Lanes, f32)>,
-    y: Option<impl Lanes>,
-    mut f: impl FnMut(S::V, S::V, S::V, usize) -> S::V,
-) {
-    let zero = s.splat(0.0);
-    let len = io.len();
-    let full = len / W * W;
-    // `match`, not `Option::map_or`, as in [`for_vectors_out`].
-    let mut step = {
-        #[inline(always)]
-        |io: &mut [f32], i: usize, n: usize| {
-            let ev = load_at(s, &*io, i, n, 0.0);
-            let xv = match x {
-                Some((x, pad)) => load_at(s, x, i, n, pad),
-                None => zero,
-            };
-            let yv = match y {
-                Some(y) => load_at(s, y, i, n, 0.0),
-                None => zero,
-            };
-            let g = f(ev, xv, yv, n);
-            store_at(s, g, io, i, n);
-        }
-    };
-    let mut i = 0;
-    while i < full {
-        step(io, i, W);
-        i += W;
-    }
-    if full < len {
-        step(io, full, len - full);
-    }
-}
-
 /// Where a row's exponentials are kept between the passes: the gradient itself when it is
 /// `f32`, else (rows of at most one block) the scratch buffer.
 #[inline(always)]
@@ -543,6 +318,95 @@ fn exps_of<'a, T: FastElem>(g: &'a mut [T], gbuf: &'a mut [f32; BLOCK]) -> &'a m
         Some(g) => g,
         None => &mut gbuf[..n],
     }
+}
+
+/// Whether pass 1 can keep a row's exponentials for the gradient pass: where the gradient is
+/// `f32` (it holds them), or the row fits the one scratch block of halves.
+#[inline(always)]
+fn keeps_exps<T: FastElem>(c: usize) -> bool {
+    T::as_f32_mut(&mut []).is_some() || c <= BLOCK
+}
+
+/// The first sweep of a block: its maximum, whether the lane sum of its logits is finite, and
+/// the lane sums of its dense labels (0 for class ids). The tail is padded with one of the
+/// block's own logits (neutral for the maximum and the check) and with 0 labels.
+///
+/// The lane sum is not finite when the block holds a NaN or an infinity (or, harmlessly, when
+/// finite logits near `f32::MAX` overflow it; [`count_nonfinite`] then finds nothing).
+#[inline(always)]
+fn max_sweep<S: Simd>(s: S, xs: impl Lanes, ys: Option<impl Lanes>) -> (f32, bool, S::V) {
+    let pad = xs.at(0);
+    let mut mx = s.splat(f32::NEG_INFINITY);
+    let mut chk = s.splat(0.0);
+    let mut ysum = s.splat(0.0);
+    let mut step = {
+        #[inline(always)]
+        |v| {
+            mx = s.max(v, mx);
+            chk = s.add(chk, v);
+        }
+    };
+    match ys {
+        Some(ys) => {
+            assert_eq!(ys.len(), xs.len());
+            for_each_vector(
+                xs.len(),
+                #[inline(always)]
+                |i, n| {
+                    step(xs.load_at(s, i, n, pad));
+                    ysum = s.add(ysum, ys.load_at(s, i, n, 0.0));
+                },
+            );
+        }
+        None => for_each_vector(
+            xs.len(),
+            #[inline(always)]
+            |i, n| step(xs.load_at(s, i, n, pad)),
+        ),
+    }
+    let bmax = s
+        .to_array(mx)
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    let finite = s.to_array(chk).iter().all(|v| v.is_finite());
+    (bmax, finite, ysum)
+}
+
+/// The second sweep of a block: the lane sums of `exp(x - m)`, each exponential also written
+/// into `kept` when given (the tail is padded with -inf, whose exponential is 0).
+#[inline(always)]
+fn exp_sweep<S: Simd>(s: S, xs: impl Lanes, mv: S::V, kept: Option<&mut [f32]>) -> S::V {
+    let mut acc = s.splat(0.0);
+    let pad = f32::NEG_INFINITY;
+    match kept {
+        Some(out) => for_each_vector(
+            xs.len(),
+            #[inline(always)]
+            |i, n| {
+                let ex = exp(s, s.sub(xs.load_at(s, i, n, pad), mv));
+                acc = s.add(acc, ex);
+                store_at(s, ex, out, i, n);
+            },
+        ),
+        None => for_each_vector(
+            xs.len(),
+            #[inline(always)]
+            |i, n| acc = s.add(acc, exp(s, s.sub(xs.load_at(s, i, n, pad), mv))),
+        ),
+    }
+    acc
+}
+
+/// Lane sums of `x - m` over a block (the tail padded with `m`, which adds 0).
+#[inline(always)]
+fn sum_minus_max<S: Simd>(s: S, xs: impl Lanes, m: f32, mv: S::V) -> S::V {
+    let mut acc = s.splat(0.0);
+    for_each_vector(
+        xs.len(),
+        #[inline(always)]
+        |i, n| acc = s.add(acc, s.sub(xs.load_at(s, i, n, m), mv)),
+    );
+    acc
 }
 
 /// The constants of a dense row's gradient pass.
@@ -576,14 +440,13 @@ fn dense_grad<S: Simd, const PLAIN: bool, const UNIT: bool>(
     let zero = s.splat(0.0);
     let mut acc = zero;
     // Tail lanes are not written back and add y' = 0 (zeroed below when smoothing).
-    let xpad = Some((xs, f32::NEG_INFINITY));
-    for_vectors_io(
-        s,
-        io,
-        xpad,
-        Some(ys),
+    for_each_vector(
+        io.len(),
         #[inline(always)]
-        |ev, v, yv, n| {
+        |i, n| {
+            let ev = (&*io).load_at(s, i, n, 0.0);
+            let v = xs.load_at(s, i, n, f32::NEG_INFINITY);
+            let yv = ys.load_at(s, i, n, 0.0);
             let d = s.sub(v, k.mv);
             let yy = if PLAIN {
                 s.add(yv, zero)
@@ -592,7 +455,7 @@ fn dense_grad<S: Simd, const PLAIN: bool, const UNIT: bool>(
             };
             acc = s.add(acc, s.mul_nonzero(yy, d));
             let g = s.sub(s.mul(ev, k.krv), yy);
-            if UNIT { g } else { s.mul(k.scv, g) }
+            store_at(s, if UNIT { g } else { s.mul(k.scv, g) }, io, i, n);
         },
     );
     acc
@@ -611,16 +474,13 @@ fn sparse_grad<S: Simd, const SMOOTHED: bool, const UNIT: bool>(
     addv: S::V,
     scv: S::V,
 ) {
-    for_vectors_io(
-        s,
-        io,
-        None::<(&[f32], f32)>,
-        None::<&[f32]>,
+    for_each_vector(
+        io.len(),
         #[inline(always)]
-        |ev, _, _, _| {
-            let g = s.mul(ev, krv);
+        |i, n| {
+            let g = s.mul((&*io).load_at(s, i, n, 0.0), krv);
             let g = if SMOOTHED { s.sub(g, addv) } else { g };
-            if UNIT { g } else { s.mul(scv, g) }
+            store_at(s, if UNIT { g } else { s.mul(scv, g) }, io, i, n);
         },
     );
 }
@@ -654,20 +514,6 @@ fn effective_labels<S: Simd>(s: S, yv: S::V, keepv: S::V, addv: S::V, n: usize) 
     }
 }
 
-/// Lane sums of `x - m` over a block (the tail padded with `m`, which adds 0).
-#[inline(always)]
-fn sum_minus_max<S: Simd>(s: S, xs: impl Lanes, m: f32, mv: S::V) -> S::V {
-    let mut acc = s.splat(0.0);
-    for_vectors(
-        s,
-        xs,
-        m,
-        #[inline(always)]
-        |v| acc = s.add(acc, s.sub(v, mv)),
-    );
-    acc
-}
-
 /// `A` of a class-id row: `keep (x_t - m) + (eps / C) sum_j (x_j - m)`, where `dt = x_t - m`
 /// and `d64` holds the lane sums of `x - m` (used only when smoothing). A term whose
 /// coefficient is 0 contributes 0 even at a -inf logit (0 * log 0 = 0, spec Deviation 4):
@@ -683,191 +529,177 @@ fn sparse_a(keep: f64, add: f64, dt: f32, d64: &[f64; W]) -> f64 {
     target_term + sum_d
 }
 
-/// The unweighted loss of one row, writing `scale * d loss / d x` into `grad` when given.
+/// What the statistics pass finds in a row.
+struct Stats {
+    /// The maximum `m`.
+    m: f32,
+    /// Lane sums of `exp(x - m)`.
+    s64: [f64; W],
+    /// `sum_j y_j` of dense labels (0 for class ids).
+    label_sum: f64,
+    /// Whether some block's lane sum of logits was not finite.
+    bad: bool,
+}
+
+/// How many logits of a row are NaN or infinite, and whether the row is poisoned (holds a NaN
+/// or a +inf; -inf logits are masked classes, spec Deviation 4). Read only in rows whose
+/// statistics pass found a non-finite lane sum.
 #[inline(always)]
-fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
-    s: S,
-    scratch: &mut Scratch,
-    x: X,
-    labels: &FastLabels<Y>,
-    z_loss: f64,
-    grad: Option<&mut [T]>,
-    scale: f64,
-) -> FastRow {
-    let c = x.len();
-    let Scratch {
-        x: xbuf,
-        y: ybuf,
-        g: gbuf,
-        maxes,
-    } = scratch;
-    let mut grad = grad;
-    // Fused: pass 1 keeps each exp(x - m_b) (m_b the running max after block b) where the
-    // gradient goes, and pass 2 rescales it by exp(m_b - m) instead of computing it again.
-    let fused = grad.is_some() && (T::as_f32_mut(&mut []).is_some() || c <= BLOCK);
-    maxes.clear();
-    // Pass 1: running max `m`, S = sum exp(x - m) and (dense) sum y, noting non-finite logits.
-    let mut m = f32::NEG_INFINITY;
-    let mut s64 = [0.0f64; W];
-    let mut y64 = [0.0f64; W];
-    let mut bad = false;
-    for b in (0..c).step_by(BLOCK) {
-        let e = c.min(b + BLOCK);
-        let xs = x.block(b, e, xbuf);
-        let mut mx = s.splat(f32::NEG_INFINITY);
-        // A lane sum of the logits: not finite when the block holds a NaN or an infinity (or,
-        // harmlessly, when finite logits near f32::MAX overflow it; the exact count below
-        // then finds nothing).
-        let mut chk = s.splat(0.0);
-        let mut step = {
-            #[inline(always)]
-            |v| {
-                mx = s.max(v, mx);
-                chk = s.add(chk, v);
-            }
-        };
-        // Padded with one of the block's own values: neutral for the max and the check. Dense
-        // labels are summed in the same sweep (per lane in `f32`, padded with 0).
-        let mut ysum = s.splat(0.0);
-        match labels {
-            FastLabels::Dense { y, .. } => {
-                let ys = y.block(b, e, ybuf);
-                for_vectors2(
-                    s,
-                    xs,
-                    xs.at(0),
-                    ys,
-                    #[inline(always)]
-                    |v, yv| {
-                        step(v);
-                        ysum = s.add(ysum, yv);
-                    },
-                );
-            }
-            FastLabels::Sparse { .. } => for_vectors(s, xs, xs.at(0), &mut step),
-        }
-        let bmax = s
-            .to_array(mx)
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-        bad |= !s.to_array(chk).iter().all(|v| v.is_finite());
-        if bmax > m {
-            // exp(-inf) is 0: the first block's rescale needs no call into libm.
-            let f = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (f64::from(m) - f64::from(bmax)).exp()
-            };
-            for s in s64.iter_mut() {
-                *s *= f;
-            }
-            m = bmax;
-        }
-        let mv = s.splat(m);
-        let mut acc = s.splat(0.0);
-        match grad.as_deref_mut() {
-            Some(g) if fused => {
-                maxes.push(m);
-                let out = &mut exps_of(g, gbuf)[b..e];
-                for_vectors_out(
-                    s,
-                    xs,
-                    f32::NEG_INFINITY,
-                    None::<&[f32]>,
-                    Some(out),
-                    #[inline(always)]
-                    |v, _, _| {
-                        let ex = exp(s, s.sub(v, mv));
-                        acc = s.add(acc, ex);
-                        ex
-                    },
-                );
-            }
-            _ => for_vectors(
-                s,
-                xs,
-                f32::NEG_INFINITY,
-                #[inline(always)]
-                |v| {
-                    acc = s.add(acc, exp(s, s.sub(v, mv)));
-                },
-            ),
-        }
-        add_lanes(s, &mut s64, acc);
-        if let FastLabels::Dense { .. } = labels {
-            add_lanes(s, &mut y64, ysum);
-        }
-    }
-    let label_sum = match labels {
-        FastLabels::Dense { .. } => lane_sum(&y64),
-        FastLabels::Sparse { .. } => 0.0,
-    };
-    // Rare: the row holds a NaN or an infinity. Count them, and poison the row unless they
-    // are all -inf (masked classes, spec Deviation 4).
+fn count_nonfinite(x: impl RowIn) -> (u32, bool) {
     let mut nonfinite = 0u32;
     let mut poisoned = false;
-    if bad {
-        for j in 0..c {
-            let v = x.at(j);
-            nonfinite += u32::from(!v.is_finite());
-            poisoned |= v.is_nan() || v == f32::INFINITY;
-        }
+    for j in 0..x.len() {
+        let v = x.at(j);
+        nonfinite += u32::from(!v.is_finite());
+        poisoned |= v.is_nan() || v == f32::INFINITY;
     }
-    if poisoned || m == f32::NEG_INFINITY {
-        if let Some(g) = grad {
-            g.fill(T::from_f32(f32::NAN));
-        }
-        return FastRow {
-            loss: f64::NAN,
-            nonfinite,
-            label_sum,
-        };
-    }
-    let sum = lane_sum(&s64);
-    let log_s = sum.ln();
-    let lse = f64::from(m) + log_s;
-    let (keep, add) = match *labels {
-        FastLabels::Dense { keep, add, .. } | FastLabels::Sparse { keep, add, .. } => (keep, add),
-    };
-    let y_sum = match labels {
-        FastLabels::Dense { .. } => keep * label_sum + add * c as f64,
-        FastLabels::Sparse { .. } => keep + add * c as f64,
-    };
-    // Gradient factor: softmax_j * k - y'_j = e_j * (k / S) - y'_j.
-    let k = ((y_sum + 2.0 * z_loss * lse) / sum) as f32;
-    let sc = scale as f32;
-    let (keep32, add32) = (keep as f32, add as f32);
-    let (mv, kv, scv) = (s.splat(m), s.splat(k), s.splat(sc));
-    let (keepv, addv) = (s.splat(keep32), s.splat(add32));
+    (nonfinite, poisoned)
+}
 
-    // Pass 2: gradients and A = sum_{y' != 0} y' (x - m) (dense), or sum (x - m) (smoothed ids).
-    if fused {
-        let g = grad.unwrap();
-        let smoothed = add != 0.0;
-        // Loop-invariant choices, each its own loop, on the `f32` factors the lanes use: no
-        // smoothing (`y * 1 + 0`; +0 exactly, as `- (-0)` is not an identity) and a unit scale.
-        let add0 = add32.to_bits() == 0;
-        let plain = keep32 == 1.0 && add0;
-        let unit = sc == 1.0;
+/// A row's constants after the statistics pass: in `f64` for the loss, in `f32` as the lanes
+/// use them.
+#[derive(Clone, Copy)]
+struct Factors {
+    /// The maximum `m`.
+    m: f32,
+    /// `log S`.
+    log_s: f64,
+    /// `m + log S`.
+    lse: f64,
+    /// `1 - eps` and `eps / C`.
+    keep: f64,
+    add: f64,
+    /// `Y = sum_j y'_j`.
+    y_sum: f64,
+    /// `(Y + 2 z lse) / S`: the gradient is `e_j k - y'_j` (times the scale), `e_j` the
+    /// exponential `exp(x_j - m)`.
+    k: f32,
+    /// The scale, `1 - eps` and `eps / C` in `f32`.
+    sc: f32,
+    keep32: f32,
+    add32: f32,
+}
+
+impl Factors {
+    #[inline(always)]
+    fn new<Y>(st: &Stats, labels: &FastLabels<Y>, c: usize, z_loss: f64, scale: f64) -> Factors {
+        let sum = lane_sum(&st.s64);
+        let log_s = sum.ln();
+        let lse = f64::from(st.m) + log_s;
+        let (keep, add) = labels.smoothing();
+        let y_sum = match labels {
+            FastLabels::Dense { .. } => keep * st.label_sum + add * c as f64,
+            FastLabels::Sparse { .. } => keep + add * c as f64,
+        };
+        Factors {
+            m: st.m,
+            log_s,
+            lse,
+            keep,
+            add,
+            y_sum,
+            k: ((y_sum + 2.0 * z_loss * lse) / sum) as f32,
+            sc: scale as f32,
+            keep32: keep as f32,
+            add32: add as f32,
+        }
+    }
+}
+
+/// What every pass reads: a row's logits and labels on one instruction set, and the scratch
+/// blocks halves are widened into.
+struct Passes<'b, S, X, Y> {
+    s: S,
+    x: X,
+    labels: FastLabels<Y>,
+    xbuf: &'b mut [f32; BLOCK],
+    ybuf: &'b mut [f32; BLOCK],
+}
+
+impl<S: Simd, X: RowIn, Y: RowIn> Passes<'_, S, X, Y> {
+    /// Pass 1, block by block: the running maximum `m`, the lane sums of `exp(x - m)` (rescaled
+    /// by `exp(m_old - m_new)` when a block raises the maximum), the sum of dense labels and
+    /// whether a logit may be non-finite. With `kept`, each `exp(x_j - m_b)` is written there
+    /// and `m_b`, the running maximum after block `b`, pushed onto `maxes`.
+    #[inline(always)]
+    fn statistics(&mut self, mut kept: Option<&mut [f32]>, maxes: &mut Vec<f32>) -> Stats {
+        let s = self.s;
+        let c = self.x.len();
+        let mut m = f32::NEG_INFINITY;
+        let mut s64 = [0.0f64; W];
+        let mut y64 = [0.0f64; W];
+        let mut bad = false;
+        for b in (0..c).step_by(BLOCK) {
+            let e = c.min(b + BLOCK);
+            let xs = self.x.block(b, e, self.xbuf);
+            let (bmax, finite, ysum) = match self.labels {
+                FastLabels::Dense { y, .. } => max_sweep(s, xs, Some(y.block(b, e, self.ybuf))),
+                FastLabels::Sparse { .. } => max_sweep(s, xs, None::<&[f32]>),
+            };
+            bad |= !finite;
+            if bmax > m {
+                // exp(-inf) is 0: the first block's rescale needs no call into libm.
+                let f = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (f64::from(m) - f64::from(bmax)).exp()
+                };
+                for v in s64.iter_mut() {
+                    *v *= f;
+                }
+                m = bmax;
+            }
+            let out = kept.as_deref_mut().map(|k| {
+                maxes.push(m);
+                &mut k[b..e]
+            });
+            add_lanes(s, &mut s64, exp_sweep(s, xs, s.splat(m), out));
+            if let FastLabels::Dense { .. } = self.labels {
+                add_lanes(s, &mut y64, ysum);
+            }
+        }
+        let label_sum = match self.labels {
+            FastLabels::Dense { .. } => lane_sum(&y64),
+            FastLabels::Sparse { .. } => 0.0,
+        };
+        Stats {
+            m,
+            s64,
+            label_sum,
+            bad,
+        }
+    }
+
+    /// Pass 2 where pass 1 kept the exponentials in `exps`: rescales each block's by
+    /// `exp(m_b - m)` (exactly 1 in the block that set the maximum) into the gradient, and
+    /// returns the lane sums of `y' (x - m)` (dense) or of `x - m` (smoothed class ids; the
+    /// logits are read again only where the loss needs them). Loop-invariant choices each
+    /// have their loop, on the `f32` factors the lanes use: no smoothing (`y * 1 + 0`; +0
+    /// exactly, as `- (-0)` is not an identity) and a unit scale.
+    #[inline(always)]
+    fn gradient_from_kept(&mut self, exps: &mut [f32], maxes: &[f32], f: &Factors) -> [f64; W] {
+        let s = self.s;
+        let c = self.x.len();
+        let add0 = f.add32.to_bits() == 0;
+        let plain = f.keep32 == 1.0 && add0;
+        let unit = f.sc == 1.0;
+        let smoothed = f.add != 0.0;
+        let (mv, scv) = (s.splat(f.m), s.splat(f.sc));
+        let (keepv, addv) = (s.splat(f.keep32), s.splat(f.add32));
         let mut a64 = [0.0f64; W];
-        let exps = exps_of(&mut *g, gbuf);
         for (bi, b) in (0..c).step_by(BLOCK).enumerate() {
             let e = c.min(b + BLOCK);
-            // exp(x - m) = exp(x - m_b) exp(m_b - m); exactly 1 in the block that set m.
-            let rescale = if maxes[bi] == m {
+            let rescale = if maxes[bi] == f.m {
                 1.0
             } else {
-                exp1(maxes[bi] - m)
+                exp1(maxes[bi] - f.m)
             };
-            let krv = s.splat(k * rescale);
-            let mut acc = s.splat(0.0);
-            // The logits are read again only where the loss needs `x - m`.
-            match labels {
+            let krv = s.splat(f.k * rescale);
+            let io = &mut exps[b..e];
+            let acc = match self.labels {
                 FastLabels::Dense { y, .. } => {
-                    let xs = x.block(b, e, xbuf);
-                    let ys = y.block(b, e, ybuf);
-                    // Tail lanes are not written back and add y' = 0 (zeroed below).
-                    let io = &mut exps[b..e];
+                    let xs = self.x.block(b, e, self.xbuf);
+                    let ys = y.block(b, e, self.ybuf);
                     let k = DenseK {
                         mv,
                         krv,
@@ -875,15 +707,14 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                         addv,
                         scv,
                     };
-                    acc = match (plain, unit) {
+                    match (plain, unit) {
                         (true, true) => dense_grad::<S, true, true>(s, io, xs, ys, k),
                         (true, false) => dense_grad::<S, true, false>(s, io, xs, ys, k),
                         (false, true) => dense_grad::<S, false, true>(s, io, xs, ys, k),
                         (false, false) => dense_grad::<S, false, false>(s, io, xs, ys, k),
-                    };
+                    }
                 }
                 FastLabels::Sparse { .. } => {
-                    let io = &mut exps[b..e];
                     match (!add0, unit) {
                         (false, true) => sparse_grad::<S, false, true>(s, io, krv, addv, scv),
                         (false, false) => sparse_grad::<S, false, false>(s, io, krv, addv, scv),
@@ -891,199 +722,289 @@ fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(
                         (true, false) => sparse_grad::<S, true, false>(s, io, krv, addv, scv),
                     }
                     if smoothed {
-                        acc = sum_minus_max(s, x.block(b, e, xbuf), m, mv);
+                        sum_minus_max(s, self.x.block(b, e, self.xbuf), f.m, mv)
+                    } else {
+                        s.splat(0.0)
                     }
                 }
+            };
+            add_lanes(s, &mut a64, acc);
+        }
+        a64
+    }
+
+    /// Pass 2 of a dense row whose exponentials were not kept: computes them again, writes
+    /// `scale * (e k - y')` into `grad` when given, and returns the lane sums of `y' (x - m)`
+    /// (tail lanes: `x = -inf` and `y' = 0`, so they add nothing).
+    #[inline(always)]
+    fn dense_gradient<T: FastElem>(
+        &mut self,
+        y: Y,
+        mut grad: Option<&mut [T]>,
+        gbuf: &mut [f32; BLOCK],
+        f: &Factors,
+    ) -> [f64; W] {
+        let s = self.s;
+        let c = self.x.len();
+        let (mv, kv, scv) = (s.splat(f.m), s.splat(f.k), s.splat(f.sc));
+        let (keepv, addv) = (s.splat(f.keep32), s.splat(f.add32));
+        let mut a64 = [0.0f64; W];
+        for b in (0..c).step_by(BLOCK) {
+            let e = c.min(b + BLOCK);
+            let xs = self.x.block(b, e, self.xbuf);
+            let ys = y.block(b, e, self.ybuf);
+            let mut acc = s.splat(0.0);
+            let mut out = grad.as_deref_mut().map(|g| T::out_view(&mut g[b..e], gbuf));
+            for_each_vector(
+                xs.len(),
+                #[inline(always)]
+                |i, n| {
+                    let d = s.sub(xs.load_at(s, i, n, f32::NEG_INFINITY), mv);
+                    let yy = effective_labels(s, ys.load_at(s, i, n, 0.0), keepv, addv, n);
+                    let ex = exp(s, d);
+                    acc = s.add(acc, s.mul_nonzero(yy, d));
+                    // `match`, not `Option::map`: that is not always inlined, and a call in
+                    // the loop costs it its registers.
+                    if let Some(o) = out.as_deref_mut() {
+                        store_at(s, s.mul(scv, s.sub(s.mul(ex, kv), yy)), o, i, n);
+                    }
+                },
+            );
+            if let Some(g) = grad.as_deref_mut() {
+                T::narrow_from(&mut g[b..e], gbuf);
             }
             add_lanes(s, &mut a64, acc);
         }
-        T::narrow_from(g, gbuf);
-        let a = match *labels {
-            FastLabels::Dense { .. } => lane_sum(&a64),
-            FastLabels::Sparse { target, .. } => {
-                let dt = x.at(target) - m;
-                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
-                sparse_a(keep, add, dt, &a64)
-            }
-        };
+        a64
+    }
+
+    /// Pass 2 of a class-id row whose exponentials were not kept: computes them again, writes
+    /// `scale * (e k - eps / C)` into `grad` (the target is set afterwards), and returns the
+    /// lane sums of `x - m` (tail lanes: `x = m`, so `d = 0` adds nothing).
+    #[inline(always)]
+    fn sparse_gradient<T: FastElem>(
+        &mut self,
+        grad: &mut [T],
+        gbuf: &mut [f32; BLOCK],
+        f: &Factors,
+    ) -> [f64; W] {
+        let s = self.s;
+        let c = self.x.len();
+        let (mv, kv, scv, addv) = (s.splat(f.m), s.splat(f.k), s.splat(f.sc), s.splat(f.add32));
+        let mut d64 = [0.0f64; W];
+        for b in (0..c).step_by(BLOCK) {
+            let e = c.min(b + BLOCK);
+            let xs = self.x.block(b, e, self.xbuf);
+            let mut acc = s.splat(0.0);
+            let out = T::out_view(&mut grad[b..e], gbuf);
+            for_each_vector(
+                xs.len(),
+                #[inline(always)]
+                |i, n| {
+                    let d = s.sub(xs.load_at(s, i, n, f.m), mv);
+                    acc = s.add(acc, d);
+                    let g = s.mul(scv, s.sub(s.mul(exp(s, d), kv), addv));
+                    store_at(s, g, out, i, n);
+                },
+            );
+            T::narrow_from(&mut grad[b..e], gbuf);
+            add_lanes(s, &mut d64, acc);
+        }
+        d64
+    }
+
+    /// The lane sums of `x - m` over the row, for a smoothed class-id row without a gradient.
+    #[inline(always)]
+    fn sums_minus_max(&mut self, m: f32) -> [f64; W] {
+        let s = self.s;
+        let c = self.x.len();
+        let mut d64 = [0.0f64; W];
+        for b in (0..c).step_by(BLOCK) {
+            let e = c.min(b + BLOCK);
+            let acc = sum_minus_max(s, self.x.block(b, e, self.xbuf), m, s.splat(m));
+            add_lanes(s, &mut d64, acc);
+        }
+        d64
+    }
+}
+
+/// The unweighted loss of one row, writing `scale * d loss / d x` into its gradient when given.
+#[inline(always)]
+fn body<S: Simd, X: RowIn, Y: RowIn, T: FastElem>(s: S, row: Row<'_, '_, X, Y, T>) -> FastRow {
+    let Row {
+        scratch,
+        x,
+        labels,
+        z_loss,
+        mut grad,
+        scale,
+    } = row;
+    let Scratch {
+        x: xbuf,
+        y: ybuf,
+        g: gbuf,
+        maxes,
+    } = scratch;
+    let c = x.len();
+    let mut passes = Passes {
+        s,
+        x,
+        labels,
+        xbuf,
+        ybuf,
+    };
+    // Pass 1 keeps each exp(x - m_b) where the gradient goes, and pass 2 rescales it by
+    // exp(m_b - m) instead of computing it again.
+    let kept = grad.is_some() && keeps_exps::<T>(c);
+    maxes.clear();
+    let st = {
+        let exps = grad
+            .as_deref_mut()
+            .filter(|_| kept)
+            .map(|g| exps_of(g, gbuf));
+        passes.statistics(exps, maxes)
+    };
+    // Rare: the row holds a NaN or an infinity. Count them, and poison the row unless they
+    // are all -inf (masked classes, spec Deviation 4).
+    let (nonfinite, poisoned) = if st.bad {
+        count_nonfinite(x)
+    } else {
+        (0, false)
+    };
+    if poisoned || st.m == f32::NEG_INFINITY {
+        if let Some(g) = grad {
+            g.fill(T::from_f32(f32::NAN));
+        }
         return FastRow {
-            loss: log_s * y_sum - a + z_loss * lse * lse,
+            loss: f64::NAN,
             nonfinite,
-            label_sum,
+            label_sum: st.label_sum,
         };
     }
-    let a = match labels {
-        FastLabels::Dense { y, .. } => {
-            let mut a64 = [0.0f64; W];
-            let mut grad = grad;
-            for b in (0..c).step_by(BLOCK) {
-                let e = c.min(b + BLOCK);
-                let xs = x.block(b, e, xbuf);
-                let ys = y.block(b, e, ybuf);
-                let mut acc = s.splat(0.0);
-                let out = grad.as_deref_mut().map(|g| T::out_view(&mut g[b..e], gbuf));
-                // Tail lanes: x = -inf and y' = 0, so they add nothing.
-                for_vectors_out(
-                    s,
-                    xs,
-                    f32::NEG_INFINITY,
-                    Some(ys),
-                    out,
-                    #[inline(always)]
-                    |v, yv, n| {
-                        let d = s.sub(v, mv);
-                        let yy = effective_labels(s, yv, keepv, addv, n);
-                        let ex = exp(s, d);
-                        acc = s.add(acc, s.mul_nonzero(yy, d));
-                        s.mul(scv, s.sub(s.mul(ex, kv), yy))
-                    },
-                );
-                if let Some(g) = grad.as_deref_mut() {
-                    T::narrow_from(&mut g[b..e], gbuf);
-                }
-                add_lanes(s, &mut a64, acc);
-            }
-            lane_sum(&a64)
+    let f = Factors::new(&st, &labels, c, z_loss, scale);
+
+    // Pass 2: gradients and A = sum_{y' != 0} y' (x - m) (dense), or sum (x - m) (smoothed ids).
+    let sums = match (grad.as_deref_mut(), labels) {
+        (Some(g), _) if kept => {
+            let sums = passes.gradient_from_kept(exps_of(&mut *g, gbuf), maxes, &f);
+            T::narrow_from(g, gbuf);
+            sums
         }
+        (g, FastLabels::Dense { y, .. }) => passes.dense_gradient(y, g, gbuf, &f),
+        (Some(g), FastLabels::Sparse { .. }) => passes.sparse_gradient(g, gbuf, &f),
+        (None, FastLabels::Sparse { .. }) if f.add != 0.0 => passes.sums_minus_max(f.m),
+        (None, FastLabels::Sparse { .. }) => [0.0; W],
+    };
+    let a = match labels {
+        FastLabels::Dense { .. } => lane_sum(&sums),
         FastLabels::Sparse { target, .. } => {
-            let target = *target;
-            let mut d64 = [0.0f64; W];
-            let smoothed = add != 0.0;
-            let mut grad = grad;
-            if let Some(g) = grad.as_deref_mut() {
-                for b in (0..c).step_by(BLOCK) {
-                    let e = c.min(b + BLOCK);
-                    let xs = x.block(b, e, xbuf);
-                    let mut acc = s.splat(0.0);
-                    let out = T::out_view(&mut g[b..e], gbuf);
-                    // Tail lanes: x = m, so d = 0 adds nothing.
-                    for_vectors_out(
-                        s,
-                        xs,
-                        m,
-                        None::<&[f32]>,
-                        Some(out),
-                        #[inline(always)]
-                        |v, _, _| {
-                            let d = s.sub(v, mv);
-                            acc = s.add(acc, d);
-                            s.mul(scv, s.sub(s.mul(exp(s, d), kv), addv))
-                        },
-                    );
-                    T::narrow_from(&mut g[b..e], gbuf);
-                    add_lanes(s, &mut d64, acc);
-                }
-            } else if smoothed {
-                for b in (0..c).step_by(BLOCK) {
-                    let e = c.min(b + BLOCK);
-                    let acc = sum_minus_max(s, x.block(b, e, xbuf), m, mv);
-                    add_lanes(s, &mut d64, acc);
-                }
-            }
-            let dt = x.at(target) - m;
+            let dt = x.at(target) - f.m;
             if let Some(g) = grad {
-                g[target] = T::from_f32(sc * (exp1(dt) * k - (keep32 + add32)));
+                g[target] = T::from_f32(f.sc * (exp1(dt) * f.k - (f.keep32 + f.add32)));
             }
-            sparse_a(keep, add, dt, &d64)
+            sparse_a(f.keep, f.add, dt, &sums)
         }
     };
+    let cross_entropy = match labels {
+        // Rare: an infinite label. `A` holds `inf * 0` at a class holding the maximum.
+        FastLabels::Dense { y, keep, add } if f.y_sum.is_infinite() => {
+            rows::loss_term_by_term((0..c).map(|j| {
+                let log_softmax = (f64::from(x.at(j)) - f64::from(f.m)) - f.log_s;
+                (f64::from(y.at(j)) * keep + add, log_softmax)
+            }))
+        }
+        _ => f.log_s * f.y_sum - a,
+    };
     FastRow {
-        loss: log_s * y_sum - a + z_loss * lse * lse,
+        loss: cross_entropy + z_loss * f.lse * f.lse,
         nonfinite,
-        label_sum,
+        label_sum: st.label_sum,
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn body_avx512<X: RowIn, Y: RowIn, T: FastElem>(
-    s: Avx512,
-    sc: &mut Scratch,
-    x: X,
-    labels: &FastLabels<Y>,
-    z: f64,
-    grad: Option<&mut [T]>,
-    scale: f64,
-) -> FastRow {
-    body(s, sc, x, labels, z, grad, scale)
+fn body_avx512<X: RowIn, Y: RowIn, T: FastElem>(s: Avx512, row: Row<'_, '_, X, Y, T>) -> FastRow {
+    body(s, row)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn body_avx2<X: RowIn, Y: RowIn, T: FastElem>(
-    s: Avx2,
-    sc: &mut Scratch,
-    x: X,
-    labels: &FastLabels<Y>,
-    z: f64,
-    grad: Option<&mut [T]>,
-    scale: f64,
-) -> FastRow {
-    body(s, sc, x, labels, z, grad, scale)
+fn body_avx2<X: RowIn, Y: RowIn, T: FastElem>(s: Avx2, row: Row<'_, '_, X, Y, T>) -> FastRow {
+    body(s, row)
 }
 
 #[inline(never)]
-fn body_portable<X: RowIn, Y: RowIn, T: FastElem>(
-    sc: &mut Scratch,
-    x: X,
-    labels: &FastLabels<Y>,
-    z: f64,
-    grad: Option<&mut [T]>,
-    scale: f64,
-) -> FastRow {
-    body(Portable, sc, x, labels, z, grad, scale)
+fn body_portable<X: RowIn, Y: RowIn, T: FastElem>(row: Row<'_, '_, X, Y, T>) -> FastRow {
+    body(Portable, row)
 }
 
 /// The unweighted loss of one contiguous row of logits, writing `scale * d loss / d x` into
-/// `grad` when given, on the instruction set of `level` (capped at [`Level::detected`];
+/// its gradient when given, on the instruction set of `level` (capped at [`Level::detected`];
 /// [`Level::General`] is treated as portable). Logits and dense labels are read in place,
 /// aligned or not.
-pub fn fast_row<T: FastElem>(
-    level: Level,
-    scratch: &mut Scratch,
-    x: Elems<'_, T>,
-    labels: &FastLabels<Elems<'_, T>>,
-    z_loss: f64,
-    grad: Option<&mut [T]>,
-    scale: f64,
-) -> FastRow {
-    T::route(level, scratch, x, labels, z_loss, grad, scale)
+pub fn fast_row<T: FastElem>(level: Level, row: RowCall<'_, '_, '_, T>) -> FastRow {
+    T::route(level, row)
 }
 
 /// [`body`] on the instruction set of `level`, capped as [`fast_row`] says.
 #[inline(always)]
-fn run_level<X: RowIn, Y: RowIn, T: FastElem>(
-    level: Level,
-    scratch: &mut Scratch,
-    x: X,
-    labels: &FastLabels<Y>,
-    z_loss: f64,
-    grad: Option<&mut [T]>,
-    scale: f64,
-) -> FastRow {
+fn run_level<X: RowIn, Y: RowIn, T: FastElem>(level: Level, row: Row<'_, '_, X, Y, T>) -> FastRow {
     let level = level.min(Level::detected());
     #[cfg(target_arch = "x86_64")]
     match level {
         Level::Avx512 => {
             if let Some(s) = Avx512::new() {
                 // SAFETY: the token proves the CPU has AVX-512F.
-                return unsafe { body_avx512(s, scratch, x, labels, z_loss, grad, scale) };
+                return unsafe { body_avx512(s, row) };
             }
         }
         Level::Avx2 => {
             if let Some(s) = Avx2::new() {
                 // SAFETY: the token proves the CPU has AVX2.
-                return unsafe { body_avx2(s, scratch, x, labels, z_loss, grad, scale) };
+                return unsafe { body_avx2(s, row) };
             }
         }
         _ => {}
     }
-    body_portable(scratch, x, labels, z_loss, grad, scale)
+    body_portable(row)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dense<Y>(y: Y, keep: f64, add: f64) -> FastLabels<Y> {
+        FastLabels::Dense { y, keep, add }
+    }
+
+    fn sparse<Y>(target: usize, keep: f64, add: f64) -> FastLabels<Y> {
+        FastLabels::Sparse { target, keep, add }
+    }
+
+    /// One `f32` row at `level`, with fresh scratch buffers.
+    fn run(
+        level: Level,
+        x: &[f32],
+        labels: FastLabels<Elems<'_, f32>>,
+        z_loss: f64,
+        grad: Option<&mut [f32]>,
+        scale: f64,
+    ) -> FastRow {
+        let scratch = &mut Scratch::new();
+        let x = Elems::Slice(x);
+        fast_row(
+            level,
+            Row {
+                scratch,
+                x,
+                labels,
+                z_loss,
+                grad,
+                scale,
+            },
+        )
+    }
 
     fn row(c: usize) -> (Vec<f32>, Vec<f32>) {
         let x = (0..c)
@@ -1106,47 +1027,18 @@ mod tests {
                 }
             }
             let labels = [
-                FastLabels::Dense {
-                    y: Elems::Slice(&y),
-                    keep: 0.9,
-                    add: 0.1 / c as f64,
-                },
-                FastLabels::Dense {
-                    y: Elems::Slice(&y),
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Sparse {
-                    target: c / 3,
-                    keep: 1.0,
-                    add: -0.0,
-                },
-                FastLabels::Sparse {
-                    target: c / 2,
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Sparse {
-                    target: c - 1,
-                    keep: 0.8,
-                    add: 0.2 / c as f64,
-                },
+                dense(Elems::Slice(&y), 0.9, 0.1 / c as f64),
+                dense(Elems::Slice(&y), 1.0, 0.0),
+                sparse(c / 3, 1.0, -0.0),
+                sparse(c / 2, 1.0, 0.0),
+                sparse(c - 1, 0.8, 0.2 / c as f64),
             ];
             // Each gradient loop: with and without smoothing, unit scale or not.
             for (lab, scale) in labels.iter().flat_map(|l| [(l, 0.5), (l, 1.0)]) {
                 let mut first: Option<(u64, Vec<u32>)> = None;
                 for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                     let mut g = vec![0.0f32; c];
-                    let loss = fast_row(
-                        level,
-                        &mut Scratch::new(),
-                        Elems::Slice(&x),
-                        lab,
-                        1e-4,
-                        Some(&mut g),
-                        scale,
-                    )
-                    .loss;
+                    let loss = run(level, &x, *lab, 1e-4, Some(&mut g), scale).loss;
                     let bits = (
                         loss.to_bits(),
                         g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -1170,22 +1062,10 @@ mod tests {
         fn four_labels<T: FastElem>(y: Elems<'_, T>, c: usize) -> [FastLabels<Elems<'_, T>>; 4] {
             let (keep, add) = (0.9, 0.1 / c as f64);
             [
-                FastLabels::Dense {
-                    y,
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Dense { y, keep, add },
-                FastLabels::Sparse {
-                    target: c / 2,
-                    keep: 1.0,
-                    add: 0.0,
-                },
-                FastLabels::Sparse {
-                    target: c - 1,
-                    keep,
-                    add,
-                },
+                dense(y, 1.0, 0.0),
+                dense(y, keep, add),
+                sparse(c / 2, 1.0, 0.0),
+                sparse(c - 1, keep, add),
             ]
         }
         fn check<T: FastElem>() {
@@ -1210,12 +1090,14 @@ mod tests {
                                         let grad = with_grad.then_some(&mut g[..]);
                                         let out = fast_row(
                                             level,
-                                            &mut Scratch::new(),
-                                            x,
-                                            lab,
-                                            1e-4,
-                                            grad,
-                                            0.5,
+                                            Row {
+                                                scratch: &mut Scratch::new(),
+                                                x,
+                                                labels: *lab,
+                                                z_loss: 1e-4,
+                                                grad,
+                                                scale: 0.5,
+                                            },
                                         );
                                         let bits: Vec<u32> =
                                             g.iter().map(|v| v.to_f32().to_bits()).collect();
@@ -1265,22 +1147,10 @@ mod tests {
                 .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
             let sum: f64 = x.iter().map(|&v| (f64::from(v) - m).exp()).sum();
             let target = c / 3;
-            let lab = FastLabels::Sparse {
-                target,
-                keep: 1.0,
-                add: 0.0,
-            };
+            let lab = sparse(target, 1.0, 0.0);
             for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                 let mut g = vec![0.0f32; c];
-                let loss = fast_row(
-                    level,
-                    &mut Scratch::new(),
-                    Elems::Slice(&x),
-                    &lab,
-                    0.0,
-                    Some(&mut g),
-                    1.0,
-                );
+                let loss = run(level, &x, lab, 0.0, Some(&mut g), 1.0);
                 let want = m + sum.ln() - f64::from(x[target]);
                 assert!(
                     (loss.loss - want).abs() <= 3e-5 * want.abs(),
@@ -1301,90 +1171,74 @@ mod tests {
         // Class ids with smoothing 1: the target's own share is 0, the smoothing share 1/C
         // meets the -inf logit, so the loss is +inf, not 0 * -inf = NaN.
         let x = [f32::NEG_INFINITY, 0.0];
-        let lab = FastLabels::Sparse {
-            target: 0,
-            keep: 0.0,
-            add: 0.5,
-        };
+        let lab = sparse(0, 0.0, 0.5);
         for level in [Level::Portable, Level::Avx2, Level::Avx512] {
-            let loss = fast_row(
-                level,
-                &mut Scratch::new(),
-                Elems::Slice(&x),
-                &lab,
-                0.0,
-                None,
-                1.0,
-            )
-            .loss;
+            let loss = run(level, &x, lab, 0.0, None, 1.0).loss;
             assert_eq!(loss, f64::INFINITY, "{level:?}");
+        }
+    }
+
+    /// A dense label of +inf or -inf at the class holding the maximum gives an infinite loss of
+    /// its sign (the term `-y_j log_softmax_j`; `log S * Y - A` met `inf * 0` there) at every
+    /// level, with the same bits, with and without smoothing and a gradient, in rows of one
+    /// block and of several.
+    #[test]
+    fn infinite_labels_at_the_maximum_give_infinite_losses_at_every_level() {
+        for c in [3, 17, 1025, 5000] {
+            let (x, mut y) = row(c);
+            let top = (0..c).fold(0, |b, j| if x[j] > x[b] { j } else { b });
+            for (label, want) in [
+                (f32::INFINITY, f64::INFINITY),
+                (f32::NEG_INFINITY, -f64::INFINITY),
+            ] {
+                y[top] = label;
+                for labels in [
+                    dense(Elems::Slice(&y), 1.0, 0.0),
+                    dense(Elems::Slice(&y), 0.9, 0.1 / c as f64),
+                ] {
+                    for with_grad in [false, true] {
+                        let mut first = None;
+                        for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                            let mut g = vec![0.0f32; c];
+                            let out = run(
+                                level,
+                                &x,
+                                labels,
+                                1e-4,
+                                with_grad.then_some(&mut g[..]),
+                                0.5,
+                            );
+                            assert_eq!(out.loss, want, "C = {c}, {level:?}, grad {with_grad}");
+                            let bits: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+                            match &first {
+                                None => first = Some(bits),
+                                Some(f) => assert_eq!(f, &bits, "C = {c}, {level:?}"),
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
     #[test]
     fn non_finite_rules_hold_on_the_fast_path() {
-        let sparse = FastLabels::Sparse {
-            target: 1,
-            keep: 1.0,
-            add: 0.0,
+        let labels = sparse(1, 1.0, 0.0);
+        let run = |x: &[f32], grad: Option<&mut [f32]>| {
+            run(Level::detected(), x, labels, 0.0, grad, 1.0).loss
         };
         let mut g = vec![0.0f32; 20];
         let mut x = vec![0.0f32; 20];
         x[0] = f32::NEG_INFINITY;
-        let loss = fast_row(
-            Level::detected(),
-            &mut Scratch::new(),
-            Elems::Slice(&x),
-            &sparse,
-            0.0,
-            Some(&mut g),
-            1.0,
-        )
-        .loss;
+        let loss = run(&x, Some(&mut g));
         assert!((loss - 19f64.ln()).abs() < 1e-6 && g[0] == 0.0);
         x[17] = f32::NAN;
-        assert!(
-            fast_row(
-                Level::detected(),
-                &mut Scratch::new(),
-                Elems::Slice(&x),
-                &sparse,
-                0.0,
-                Some(&mut g),
-                1.0
-            )
-            .loss
-            .is_nan()
-        );
+        assert!(run(&x, Some(&mut g)).is_nan());
         assert!(g.iter().all(|v| v.is_nan()));
         let x = vec![f32::NEG_INFINITY; 20];
-        assert!(
-            fast_row(
-                Level::detected(),
-                &mut Scratch::new(),
-                Elems::Slice(&x),
-                &sparse,
-                0.0,
-                None,
-                1.0
-            )
-            .loss
-            .is_nan()
-        );
+        assert!(run(&x, None).is_nan());
         let mut x = vec![0.0f32; 20];
         x[1] = f32::NEG_INFINITY;
-        assert_eq!(
-            fast_row(
-                Level::detected(),
-                &mut Scratch::new(),
-                Elems::Slice(&x),
-                &sparse,
-                0.0,
-                None,
-                1.0
-            )
-            .loss,
-            f64::INFINITY
-        );
+        assert_eq!(run(&x, None), f64::INFINITY);
     }
 }
