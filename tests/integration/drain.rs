@@ -334,7 +334,12 @@ struct Tally {
 impl Tally {
     /// Counts `result`: a wrong answer or a server status that is not a drain's fails the
     /// test. True while the call was answered (a worker goes on).
-    fn count<T>(&self, result: &Result<T, tonic::Status>, right: impl FnOnce(&T) -> bool) -> bool {
+    fn count<T>(
+        &self,
+        what: &str,
+        result: &Result<T, tonic::Status>,
+        right: impl FnOnce(&T) -> bool,
+    ) -> bool {
         match result {
             Ok(v) => {
                 assert!(right(v), "a wrong answer");
@@ -344,7 +349,7 @@ impl Tally {
             }
             Err(s) if s.source().is_some() => {
                 self.transport.fetch_add(1, Ordering::SeqCst);
-                self.failures.lock().unwrap().push(format!("{s:?}"));
+                self.failures.lock().unwrap().push(format!("{what}: {s:?}"));
                 false
             }
             Err(s) => {
@@ -402,7 +407,7 @@ async fn load(endpoint: String, tally: Arc<Tally>, seed: u64) -> Vec<tokio::task
                 let req = request(rows, classes, "");
                 loop {
                     let r = c.evaluate(req.clone()).await;
-                    if !tally.count(&r, |resp| is_right(resp.get_ref(), rows, classes)) {
+                    if !tally.count("unary", &r, |resp| is_right(resp.get_ref(), rows, classes)) {
                         return;
                     }
                 }
@@ -435,7 +440,7 @@ async fn load(endpoint: String, tally: Arc<Tally>, seed: u64) -> Vec<tokio::task
         let mut inbound = match stream {
             Ok(s) => s.into_inner(),
             Err(s) => {
-                tally.count::<()>(&Err(s), |_| true);
+                tally.count::<()>("stream", &Err(s), |_| true);
                 feeder.abort();
                 return;
             }
@@ -455,11 +460,11 @@ async fn load(endpoint: String, tally: Arc<Tally>, seed: u64) -> Vec<tokio::task
                     }
                 }
                 Ok(None) => {
-                    tally.count(&Ok(()), |_| true);
+                    tally.count("stream", &Ok(()), |_| true);
                     break;
                 }
                 Err(s) => {
-                    tally.count::<()>(&Err(s), |_| true);
+                    tally.count::<()>("stream", &Err(s), |_| true);
                     break;
                 }
             }
@@ -475,8 +480,18 @@ async fn probe_new_callers(endpoint: &str, tally: &Tally) {
     let t = Instant::now();
     let within = Duration::from_secs(1);
     let steps = std::sync::Mutex::new(Vec::new());
-    let step = |what: &str| steps.lock().unwrap().push(format!("{what} at {:?}", t.elapsed()));
+    let step = |what: &str| {
+        steps
+            .lock()
+            .unwrap()
+            .push(format!("{what} at {:?}", t.elapsed()))
+    };
     let health = tokio::time::timeout(within, async {
+        let addr: SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
+        step("parsed");
+        let raw = tokio::net::TcpStream::connect(addr).await;
+        step(&format!("raw connect {:?}", raw.as_ref().map(|_| ())));
+        drop(raw);
         let ch = connect(endpoint).await;
         step("connected");
         let r = HealthClient::new(ch?)
@@ -499,7 +514,7 @@ async fn probe_new_callers(endpoint: &str, tally: &Tally) {
                 tally.answered.fetch_add(1, Ordering::SeqCst);
             }
             Err(s) => {
-                tally.count::<()>(&Err(s), |_| true);
+                tally.count::<()>("health probe", &Err(s), |_| true);
             }
         }
     }
@@ -510,7 +525,7 @@ async fn probe_new_callers(endpoint: &str, tally: &Tally) {
     .await
     .expect("a new call is answered or refused within a second");
     if let Some(r) = call {
-        tally.count(&r, |resp| is_right(resp.get_ref(), 1, 10));
+        tally.count("late call", &r, |resp| is_right(resp.get_ref(), 1, 10));
     }
 }
 

@@ -573,7 +573,10 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
     let answer = answer.unwrap_or_else(|e| panic!("the call in flight completes: {e:?}; {log:#?}"));
     let (_, l) = floats(answer.into_inner().loss);
     assert!(close(&l[..1], &[(classes as f64).ln()], 1e-9));
-    assert!(status.success(), "xentd exits 0 after draining: {status:?}; {log:#?}");
+    assert!(
+        status.success(),
+        "xentd exits 0 after draining: {status:?}; {log:#?}"
+    );
 }
 
 #[test]
