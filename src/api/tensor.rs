@@ -9,7 +9,8 @@ use half::{bf16, f16};
 
 use crate::dtype::DType;
 use crate::proto;
-use crate::tensor::{Buf, vec_into_bytes};
+use crate::tensor::Buf;
+pub use crate::tensor::{AnyTensor, Shaped};
 
 /// What is wrong with one tensor, without the name of the field it came in.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -63,81 +64,6 @@ pub enum TensorError {
         /// Needed count.
         want: usize,
     },
-}
-
-/// A decoded tensor of elements `T`.
-#[derive(Clone, Debug)]
-pub struct Shaped<T: Pod> {
-    /// Dimensions, outermost first.
-    pub shape: Vec<usize>,
-    /// Row-major elements.
-    pub data: Buf<T>,
-}
-
-impl<T: Pod> Shaped<T> {
-    /// The elements as an owned n-dimensional array.
-    pub fn to_array(&self) -> ndarray::ArrayD<T> {
-        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&self.shape), self.data.slice().into_owned())
-            .expect("shape and length are checked at decode")
-    }
-}
-
-/// A decoded tensor of any dtype.
-#[derive(Clone, Debug)]
-pub enum AnyTensor {
-    /// float16 elements.
-    F16(Shaped<f16>),
-    /// bfloat16 elements.
-    BF16(Shaped<bf16>),
-    /// float32 elements.
-    F32(Shaped<f32>),
-    /// float64 elements.
-    F64(Shaped<f64>),
-    /// int32 elements.
-    I32(Shaped<i32>),
-    /// int64 elements.
-    I64(Shaped<i64>),
-}
-
-impl AnyTensor {
-    /// The dtype.
-    pub fn dtype(&self) -> DType {
-        match self {
-            AnyTensor::F16(_) => DType::F16,
-            AnyTensor::BF16(_) => DType::BF16,
-            AnyTensor::F32(_) => DType::F32,
-            AnyTensor::F64(_) => DType::F64,
-            AnyTensor::I32(_) => DType::I32,
-            AnyTensor::I64(_) => DType::I64,
-        }
-    }
-
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            AnyTensor::F16(t) => &t.shape,
-            AnyTensor::BF16(t) => &t.shape,
-            AnyTensor::F32(t) => &t.shape,
-            AnyTensor::F64(t) => &t.shape,
-            AnyTensor::I32(t) => &t.shape,
-            AnyTensor::I64(t) => &t.shape,
-        }
-    }
-
-    /// Every element widened to `f64`, for small float tensors (weights, upstream).
-    /// `None` for integer tensors.
-    pub fn floats_to_f64(&self) -> Option<Vec<f64>> {
-        fn widen<T: Pod + Into<f64>>(t: &Shaped<T>) -> Vec<f64> {
-            t.data.slice().iter().map(|&v| v.into()).collect()
-        }
-        Some(match self {
-            AnyTensor::F16(t) => widen(t),
-            AnyTensor::BF16(t) => widen(t),
-            AnyTensor::F32(t) => widen(t),
-            AnyTensor::F64(t) => widen(t),
-            AnyTensor::I32(_) | AnyTensor::I64(_) => return None,
-        })
-    }
 }
 
 /// The API's dtype enum to ours.
@@ -323,15 +249,21 @@ wire_element!(i64, DType::I64, I64, |v, t| t.int64_data = v);
 
 /// Encodes elements and a shape as a tensor, raw bytes (no copy) or typed.
 pub fn encode<T: WireElement>(shape: &[usize], data: Vec<T>, raw: bool) -> proto::Tensor {
+    encode_buf(shape, Buf::from_vec(data), raw)
+}
+
+/// Encodes a buffer and a shape as a tensor: raw bytes moved in (no copy), or the typed field
+/// (no copy of owned `f32`, `f64` and integer elements).
+pub fn encode_buf<T: WireElement>(shape: &[usize], data: Buf<T>, raw: bool) -> proto::Tensor {
     let mut t = proto::Tensor {
         dtype: dtype_to_proto(T::DTYPE) as i32,
         shape: shape.iter().map(|&d| d as i64).collect(),
         ..Default::default()
     };
     if raw {
-        t.raw_data = vec_into_bytes(data);
+        t.raw_data = data.into_le_bytes();
     } else {
-        T::put_typed(data, &mut t);
+        T::put_typed(data.into_vec(), &mut t);
     }
     t
 }

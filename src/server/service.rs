@@ -63,8 +63,11 @@ impl XentService {
             deadline,
             room,
         };
-        call.run(|| api::decode(req).map(|ev| (ev, ())), |(), resp| Ok(resp))
-            .await
+        call.run(
+            || api::decode(req).map(|ev| (ev, ())),
+            |(), ev, out| api::response(ev, out),
+        )
+        .await
     }
 }
 

@@ -1,36 +1,28 @@
-//! The validated evaluation request and its result, shared by every layer.
+//! The domain of the service: a request as the contract sees it, validated, and its result.
+//! Nothing here knows a protocol.
 //!
-//! `api::decode` turns a protobuf request into an [`Evaluation`] (or an error naming the
-//! field); `compute` runs it through the kernel into an [`Evaluated`]; `api::encode` turns that
-//! into a response. Once an `Evaluation` exists, every shape, option and class id in it has
-//! been checked against the contract, so the kernel never sees an input it must refuse.
+//! A front (`api` for xent.v1, `api::oip` for the Open Inference Protocol) reads what it
+//! received into a [`Request`]; [`Request::validate`] checks it against the contract into an
+//! [`Evaluation`]; `compute` runs that through the kernel into an [`Evaluated`]; the front's
+//! encoder turns that into its answer. Once an `Evaluation` exists, every shape, option and
+//! class id in it has been checked, so the kernel never sees an input it must refuse.
+//!
+//! - [`names`]: the vocabulary every API shares (loss kinds, inputs, outputs, options).
+//! - [`request`](mod@request): the front's reading of a request and the contract's refusals.
+//! - here: the validated request and the computed outputs.
+
+pub mod names;
+pub mod request;
 
 use bytemuck::Pod;
 use half::{bf16, f16};
 
-use crate::api::tensor::Shaped;
 use crate::dtype::DType;
 use crate::kernel::{self, Health, Layout};
-pub use crate::kernel::{Options, Reduction};
-
-/// Which loss to evaluate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LossKind {
-    /// Labels are rows shaped like the logits (`softmax_cross_entropy`).
-    Dense,
-    /// Labels are class ids (`sparse_softmax_cross_entropy`).
-    Sparse,
-}
-
-impl LossKind {
-    /// The name used in every API.
-    pub const fn name(self) -> &'static str {
-        match self {
-            LossKind::Dense => "softmax_cross_entropy",
-            LossKind::Sparse => "sparse_softmax_cross_entropy",
-        }
-    }
-}
+use crate::tensor::{Buf, Shaped};
+pub use names::{Input, LossKind, Named, OptionKind, OptionName, OptionValue, Output};
+pub use names::{Options, Reduction};
+pub use request::{MAX_REQUEST_ID_BYTES, Received, Request};
 
 /// Which outputs to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +33,24 @@ pub struct Wanted {
     pub grad_logits: bool,
     /// Gradient w.r.t. dense labels.
     pub grad_labels: bool,
+}
+
+impl Wanted {
+    /// No output at all.
+    pub const NONE: Wanted = Wanted {
+        loss: false,
+        grad_logits: false,
+        grad_labels: false,
+    };
+
+    /// Whether `output` is wanted.
+    pub const fn has(self, output: Output) -> bool {
+        match output {
+            Output::Loss => self.loss,
+            Output::GradLogits => self.grad_logits,
+            Output::GradLabels => self.grad_labels,
+        }
+    }
 }
 
 impl Default for Wanted {
@@ -161,6 +171,14 @@ impl Evaluation {
         }
     }
 
+    /// Shape of an output: the returned loss's, or the logits' for a gradient.
+    pub fn output_shape(&self, output: Output) -> Vec<usize> {
+        match output {
+            Output::Loss => self.returned_loss_shape(),
+            Output::GradLogits | Output::GradLabels => self.shape.clone(),
+        }
+    }
+
     /// Number of logits elements.
     pub fn elements(&self) -> usize {
         self.layout.elements()
@@ -169,15 +187,36 @@ impl Evaluation {
 
 /// Computed outputs of one dtype, as flat row-major buffers ready to be sent.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outputs<T> {
+pub struct Outputs<T: Pod> {
     /// The returned loss, shaped by [`Evaluation::returned_loss_shape`].
-    pub loss: Option<Vec<T>>,
+    pub loss: Option<Buf<T>>,
     /// Gradient w.r.t. the logits, shaped like them.
-    pub grad_logits: Option<Vec<T>>,
+    pub grad_logits: Option<Buf<T>>,
     /// Gradient w.r.t. dense labels, shaped like them.
-    pub grad_labels: Option<Vec<T>>,
+    pub grad_labels: Option<Buf<T>>,
     /// Non-finite inputs, unnormalised label rows and non-finite losses of the call.
     pub health: Health,
+}
+
+impl<T: Pod + Send + Sync> Outputs<T> {
+    /// The buffer of `output`, taken out (for an encoder, which moves it into its answer).
+    pub fn take(&mut self, output: Output) -> Option<Buf<T>> {
+        match output {
+            Output::Loss => self.loss.take(),
+            Output::GradLogits => self.grad_logits.take(),
+            Output::GradLabels => self.grad_labels.take(),
+        }
+    }
+
+    /// Another handle on the same outputs, without copying them (see [`Buf::share`]).
+    pub fn share(&mut self) -> Self {
+        Outputs {
+            loss: self.loss.as_mut().map(Buf::share),
+            grad_logits: self.grad_logits.as_mut().map(Buf::share),
+            grad_labels: self.grad_labels.as_mut().map(Buf::share),
+            health: self.health,
+        }
+    }
 }
 
 /// The result of an evaluation, in the logits' dtype.
@@ -194,6 +233,16 @@ pub enum Evaluated {
 }
 
 impl Evaluated {
+    /// Another handle on the same outputs, without copying them (see [`Buf::share`]).
+    pub fn share(&mut self) -> Evaluated {
+        match self {
+            Evaluated::F16(o) => Evaluated::F16(o.share()),
+            Evaluated::BF16(o) => Evaluated::BF16(o.share()),
+            Evaluated::F32(o) => Evaluated::F32(o.share()),
+            Evaluated::F64(o) => Evaluated::F64(o.share()),
+        }
+    }
+
     /// The call's numerical health.
     pub fn health(&self) -> Health {
         match self {
