@@ -13,14 +13,13 @@
 //! - [`compute`]: runs kernel work on a dedicated rayon pool, never on tokio's threads.
 //! - [`server`]: the tonic services, health, reflection, shutdown.
 //! - [`client`]: a Rust client with ndarray in and out, used by the `xent` CLI.
-//! - [`bench`]: the load generator behind `xent bench`.
+//! - [`loadgen`]: the load generator behind `xent bench`.
 //! - [`error`]: the one error enum and its mapping to gRPC status codes.
 //! - [`metrics`]: every exported metric's name and the Prometheus exporter.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod batcher;
-pub mod bench;
 pub mod client;
 pub mod compute;
 pub mod config;
@@ -28,6 +27,7 @@ pub mod dtype;
 pub mod error;
 pub mod eval;
 pub mod kernel;
+pub mod loadgen;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;

@@ -20,7 +20,7 @@ use half::{bf16, f16};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyError, ReadNpyExt};
 use tonic_health::pb::health_check_response::ServingStatus;
-use xent::bench::{BenchArgs, BenchConfig, DTypeArg};
+use xent::loadgen::{BenchArgs, BenchConfig, DTypeArg};
 use xent::client::{Client, ClientConfig, EvalRequest, EvalResult, FloatElement};
 use xent::dtype::{DType, Element};
 use xent::eval::{LossKind, Options, Reduction, Wanted};
@@ -222,7 +222,7 @@ async fn bench(
     args: BenchArgs,
 ) -> Result<ExitCode, Failure> {
     let (json, plot) = (args.json, args.plot.clone());
-    let report = xent::bench::run(BenchConfig {
+    let report = xent::loadgen::run(BenchConfig {
         addresses,
         timeout,
         args,

@@ -3,10 +3,10 @@
 #   - xentd (release);
 #   - the echo service (examples/echo_server.rs): the same tonic stack and message sizes with
 #     no computation, the transport ceiling;
-#   - bench/python_server.py: a plain grpcio + numpy server doing the same work.
+#   - comparisons/python_server.py: a plain grpcio + numpy server doing the same work.
 # Shapes 256x1000 and 16x128256, float32, dense labels, loss and logits gradient, 8 closed-loop
 # clients of `xent bench`, DUR seconds each. Prints one line per run and the ratios.
-#   bench/service.sh                # DUR=8; needs .venv (scripts/test makes it)
+#   comparisons/service.sh                # DUR=8; needs .venv (scripts/test makes it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${DUR:-8}
@@ -17,7 +17,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 target/release/xentd --listen 127.0.0.1:50061 --metrics-listen off >/dev/null 2>&1 & pids+=($!)
 target/release/examples/echo_server 127.0.0.1:50062 >/dev/null 2>&1 & pids+=($!)
-"$PY" bench/python_server.py --address 127.0.0.1:50063 >/dev/null 2>&1 & pids+=($!)
+"$PY" comparisons/python_server.py --address 127.0.0.1:50063 >/dev/null 2>&1 & pids+=($!)
 sleep 3
 declare -A rate
 for shape in 256x1000 16x128256; do
