@@ -25,7 +25,7 @@ for shape in 256x1000 16x128256; do
   for target in xentd:50061 echo:50062 python:50063; do
     name=${target%:*} port=${target#*:}
     json=$("$xent" --address "127.0.0.1:$port" --timeout 60 bench --duration "$DUR" --concurrency 8 \
-      --rows "$rows" --classes "$classes" --loss dense --outputs loss,grad_logits --json)
+      --rows "$rows" --classes "$classes" --loss softmax_cross_entropy --outputs loss,grad_logits --json)
     read -r rps p50 p99 < <("$PY" -c 'import json,sys; r=json.load(sys.stdin); l=r["latency_ms"]; print(r["requests_per_s"], l["p50"], l["p99"])' <<<"$json")
     rate[$shape.$name]=$rps
     printf '%-10s %-7s %9.1f req/s  p50 %8.2f ms  p99 %8.2f ms\n' "$shape" "$name" "$rps" "$p50" "$p99"

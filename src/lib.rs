@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod cli;
 pub mod client;
 pub mod compute;
 pub mod config;

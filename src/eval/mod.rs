@@ -43,6 +43,27 @@ impl Wanted {
         grad_labels: false,
     };
 
+    /// The outputs listed; none listed means the default.
+    pub fn of(outputs: &[Output]) -> Wanted {
+        if outputs.is_empty() {
+            return Wanted::default();
+        }
+        let mut w = Wanted::NONE;
+        for &o in outputs {
+            w.add(o);
+        }
+        w
+    }
+
+    /// Adds `output`.
+    pub fn add(&mut self, output: Output) {
+        match output {
+            Output::Loss => self.loss = true,
+            Output::GradLogits => self.grad_logits = true,
+            Output::GradLabels => self.grad_labels = true,
+        }
+    }
+
     /// Whether `output` is wanted.
     pub const fn has(self, output: Output) -> bool {
         match output {

@@ -106,14 +106,11 @@ impl Wanted {
         let mut any = false;
         for o in outputs {
             any = true;
-            match o? {
-                Output::Loss => w.loss = true,
-                Output::GradLogits => w.grad_logits = true,
-                Output::GradLabels => {
-                    check_grad_labels(kind)?;
-                    w.grad_labels = true;
-                }
+            let o = o?;
+            if o == Output::GradLabels {
+                check_grad_labels(kind)?;
             }
+            w.add(o);
         }
         Ok(if any { w } else { Wanted::default() })
     }
