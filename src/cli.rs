@@ -4,7 +4,6 @@
 //! both take are one set of flags.
 
 use clap::Args;
-use clap::ValueEnum;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 
 use crate::dtype::DType;
@@ -20,33 +19,11 @@ where
         .try_map(|s: String| T::parse_name(&s))
 }
 
-/// A float element type, by its API name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum FloatDType {
-    /// IEEE binary16.
-    #[value(name = "float16")]
-    F16,
-    /// bfloat16.
-    #[value(name = "bfloat16")]
-    BF16,
-    /// IEEE binary32.
-    #[value(name = "float32")]
-    F32,
-    /// IEEE binary64.
-    #[value(name = "float64")]
-    F64,
-}
-
-impl FloatDType {
-    /// The dtype.
-    pub const fn dtype(self) -> DType {
-        match self {
-            FloatDType::F16 => DType::F16,
-            FloatDType::BF16 => DType::BF16,
-            FloatDType::F32 => DType::F32,
-            FloatDType::F64 => DType::F64,
-        }
-    }
+/// A value parser for a float dtype by its API name (`float16`, `bfloat16`, `float32`,
+/// `float64`).
+pub fn float_dtype() -> impl TypedValueParser<Value = DType> {
+    let floats = DType::ALL.iter().filter(|d| d.is_float()).map(|d| d.name());
+    PossibleValuesParser::new(floats).try_map(|s: String| DType::parse_name(&s))
 }
 
 /// The scalar options every subcommand takes; each unset one keeps the contract's default.

@@ -730,7 +730,7 @@ fn output<T: FloatElement>(
     };
     let any = decode(Some(tensor)).map_err(|e| ClientError::Response(format!("{name} {e}")))?;
     let got = any.dtype();
-    let want = <T as WireElement>::DTYPE;
+    let want = <T as Element>::DTYPE;
     let shaped = T::take(any)
         .ok_or_else(|| ClientError::Response(format!("{name} has dtype {got}, expected {want}")))?;
     if let Some(expected) = shape

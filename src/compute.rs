@@ -89,12 +89,7 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Evaluates a request on the current thread (and the current rayon pool for its rows).
 pub fn evaluate(ev: &Evaluation) -> Result<Evaluated, Error> {
-    Ok(match &ev.tensors {
-        Tensors::F16(t) => Evaluated::F16(typed(ev, t)?),
-        Tensors::BF16(t) => Evaluated::BF16(typed(ev, t)?),
-        Tensors::F32(t) => Evaluated::F32(typed(ev, t)?),
-        Tensors::F64(t) => Evaluated::F64(typed(ev, t)?),
-    })
+    Ok(crate::match_float!(&ev.tensors, Tensors, t => Evaluated::from(typed(ev, t)?)))
 }
 
 fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error> {

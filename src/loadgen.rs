@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use half::{bf16, f16};
 use hdrhistogram::Histogram;
 use ndarray::{Array1, Array2};
 use serde::Serialize;
@@ -41,7 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::api::oip;
 use crate::api::tensor::{AnyTensor, decode};
-use crate::cli::{FloatDType, OptionFlags, named};
+use crate::cli::{OptionFlags, float_dtype, named};
 use crate::client::{ClassId, EvalRequest, FloatElement, code_name};
 use crate::dtype::{DType, Element};
 use crate::eval::{LossKind, Named, Options, Output, Wanted};
@@ -95,8 +94,8 @@ pub struct BenchArgs {
     pub classes: usize,
 
     /// Element type of the logits on the wire.
-    #[arg(long, value_enum, default_value = "float32")]
-    pub dtype: FloatDType,
+    #[arg(long, value_parser = float_dtype(), default_value = "float32")]
+    pub dtype: DType,
 
     /// Which loss: softmax_cross_entropy sends one-hot label rows, sparse_softmax_cross_entropy
     /// int64 class ids.
@@ -595,12 +594,11 @@ pub async fn run(config: BenchConfig) -> Result<Report, String> {
     if config.addresses.is_empty() {
         return Err("no --address given".into());
     }
-    let prepared = Arc::new(match args.dtype {
-        FloatDType::F16 => prepare::<f16>(args)?,
-        FloatDType::BF16 => prepare::<bf16>(args)?,
-        FloatDType::F32 => prepare::<f32>(args)?,
-        FloatDType::F64 => prepare::<f64>(args)?,
-    });
+    let prepared = Arc::new(
+        crate::with_float!(args.dtype, T => prepare::<T>(args)?, int => {
+            return Err(format!("--dtype {} is not a float dtype", args.dtype));
+        }),
+    );
     let target = Target::connect(&config.addresses, args.protocol, config.timeout).await?;
     let rec = Arc::new(Mutex::new(Recorder::new()));
     let duration = Duration::from_secs_f64(args.duration);

@@ -33,7 +33,7 @@ use bytes::Bytes;
 
 use half::{bf16, f16};
 
-use crate::dtype::DType;
+use crate::dtype::{DType, HasDType};
 use crate::kernel::{Elems, LeBytes};
 
 /// Elements of type `T`, either borrowed from received bytes or owned.
@@ -240,6 +240,39 @@ impl AnyTensor {
             AnyTensor::F64(t) => widen(t),
             AnyTensor::I32(_) | AnyTensor::I64(_) => return None,
         })
+    }
+}
+
+/// An element type an [`AnyTensor`] holds tensors of.
+pub trait TensorElement: HasDType {
+    /// The tensor as an [`AnyTensor`].
+    fn into_any(t: Shaped<Self>) -> AnyTensor;
+    /// The tensor `t` holds, if of this element type; else `t`, given back.
+    fn from_any(t: AnyTensor) -> Result<Shaped<Self>, AnyTensor>;
+}
+
+/// Each element type and its variant of [`AnyTensor`].
+macro_rules! tensor_element {
+    ($($t:ty => $variant:ident),*) => {$(
+        impl TensorElement for $t {
+            fn into_any(t: Shaped<$t>) -> AnyTensor {
+                AnyTensor::$variant(t)
+            }
+            fn from_any(t: AnyTensor) -> Result<Shaped<$t>, AnyTensor> {
+                match t {
+                    AnyTensor::$variant(s) => Ok(s),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+tensor_element!(f16 => F16, bf16 => BF16, f32 => F32, f64 => F64, i32 => I32, i64 => I64);
+
+impl<T: TensorElement> From<Shaped<T>> for AnyTensor {
+    fn from(t: Shaped<T>) -> AnyTensor {
+        T::into_any(t)
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
-use crate::dtype::{DType, Element};
+use crate::dtype::Element;
 use crate::eval::{Evaluated, Evaluation, Inputs, Labels, Outputs, Tensors};
 use crate::kernel::reference::{self, RefLabels, RefProblem};
 use crate::metrics as m;
@@ -113,16 +113,7 @@ impl Verifier {
 #[derive(Debug)]
 pub struct Sample(Evaluation, Evaluated);
 
-/// The contract's `(rel, abs)` tolerance of a dtype (semantics §8).
-pub fn tolerance(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-9, 1e-12),
-        DType::F32 => (3e-5, 2e-6),
-        DType::F16 => (4e-3, 1e-4),
-        DType::BF16 => (2e-2, 1e-3),
-        DType::I32 | DType::I64 => (0.0, 0.0),
-    }
-}
+pub use crate::dtype::tolerance;
 
 /// Largest error of `got` against `want`, in units of the tolerance `(rel, abs)`.
 pub fn max_error(got: &[f64], want: &[f64], (rel, abs): (f64, f64)) -> f64 {
@@ -168,22 +159,12 @@ fn widened(out: &Evaluated) -> [Option<Vec<f64>>; 3] {
         let w = |b: &Option<Buf<T>>| b.as_ref().map(|b| widen(&b.slice()));
         [w(&o.loss), w(&o.grad_logits), w(&o.grad_labels)]
     }
-    match out {
-        Evaluated::F16(o) => each(o),
-        Evaluated::BF16(o) => each(o),
-        Evaluated::F32(o) => each(o),
-        Evaluated::F64(o) => each(o),
-    }
+    crate::match_float!(out, Evaluated, o => each(o))
 }
 
 /// Recomputes one request in `f64` and records how far the computed outputs were.
 fn check(ev: &Evaluation, out: &Evaluated, stats: &VerifyStats) {
-    let p = match &ev.tensors {
-        Tensors::F16(t) => problem(ev, t),
-        Tensors::BF16(t) => problem(ev, t),
-        Tensors::F32(t) => problem(ev, t),
-        Tensors::F64(t) => problem(ev, t),
-    };
+    let p = crate::match_float!(&ev.tensors, Tensors, t => problem(ev, t));
     let Ok(want) = reference::evaluate(&p) else {
         return;
     };

@@ -9,12 +9,7 @@ use crate::proto;
 
 /// The response to `ev` carrying `out`.
 pub fn response(ev: &Evaluation, out: Evaluated) -> Result<proto::EvaluateResponse, Error> {
-    Ok(match out {
-        Evaluated::F16(o) => typed(ev, o),
-        Evaluated::BF16(o) => typed(ev, o),
-        Evaluated::F32(o) => typed(ev, o),
-        Evaluated::F64(o) => typed(ev, o),
-    })
+    Ok(crate::match_float!(out, Evaluated, o => typed(ev, o)))
 }
 
 fn typed<T: WireElement>(ev: &Evaluation, mut out: Outputs<T>) -> proto::EvaluateResponse {

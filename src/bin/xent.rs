@@ -15,11 +15,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use half::{bf16, f16};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyError, ReadNpyExt};
 use tonic_health::pb::health_check_response::ServingStatus;
-use xent::cli::{FloatDType, OptionFlags, named};
+use xent::cli::{OptionFlags, float_dtype, named};
 use xent::client::{Client, ClientConfig, EvalRequest, EvalResult, FloatElement};
 use xent::dtype::{DType, Element};
 use xent::eval::{LossKind, Options, Output, Wanted};
@@ -115,8 +114,8 @@ struct EvalArgs {
 
     /// Element type on the wire and of the outputs. Default: the logits file's dtype.
     /// float16 and bfloat16 outputs are written as float32 .npy files.
-    #[arg(long, value_enum)]
-    dtype: Option<FloatDType>,
+    #[arg(long, value_parser = float_dtype())]
+    dtype: Option<DType>,
 
     /// Directory to write loss.npy, grad_logits.npy and grad_labels.npy to (those computed);
     /// created if missing. Without it only the summary is printed.
@@ -319,8 +318,8 @@ async fn eval(address: &str, config: ClientConfig, args: EvalArgs) -> Result<Exi
         ));
     }
     let dtype = args.dtype.unwrap_or(match logits.dtype() {
-        DType::F64 => FloatDType::F64,
-        _ => FloatDType::F32,
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     });
     let defaults = Options::default();
     let options = args.options.apply(Options {
@@ -343,12 +342,9 @@ async fn eval(address: &str, config: ClientConfig, args: EvalArgs) -> Result<Exi
     let mut client = Client::connect_with(address, config)
         .await
         .map_err(|e| e.to_string())?;
-    match dtype {
-        FloatDType::F16 => run::<f16>(&mut client, inputs).await,
-        FloatDType::BF16 => run::<bf16>(&mut client, inputs).await,
-        FloatDType::F32 => run::<f32>(&mut client, inputs).await,
-        FloatDType::F64 => run::<f64>(&mut client, inputs).await,
-    }
+    xent::with_float!(dtype, T => run::<T>(&mut client, inputs).await, int => {
+        Err(format!("--dtype {dtype} is not a float dtype"))
+    })
 }
 
 /// Evaluates with `T` on the wire, writes the outputs and prints the summary.

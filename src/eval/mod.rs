@@ -14,12 +14,9 @@
 pub mod names;
 pub mod request;
 
-use bytemuck::Pod;
-use half::{bf16, f16};
-
-use crate::dtype::DType;
 use crate::kernel::{self, Health, Layout};
 use crate::tensor::{Buf, Shaped};
+use bytemuck::Pod;
 pub use names::{Input, LossKind, Named, OptionKind, OptionName, OptionValue, Output};
 pub use names::{Options, Reduction};
 pub use request::{MAX_REQUEST_ID_BYTES, Received, Request};
@@ -121,29 +118,10 @@ pub struct Inputs<T: Pod> {
     pub labels: Labels<T>,
 }
 
-/// The inputs, by dtype: logits and dense labels agree by construction.
-#[derive(Clone, Debug)]
-pub enum Tensors {
-    /// float16.
-    F16(Inputs<f16>),
-    /// bfloat16.
-    BF16(Inputs<bf16>),
-    /// float32.
-    F32(Inputs<f32>),
-    /// float64.
-    F64(Inputs<f64>),
-}
-
-impl Tensors {
-    /// The float dtype of logits and outputs.
-    pub fn dtype(&self) -> DType {
-        match self {
-            Tensors::F16(_) => DType::F16,
-            Tensors::BF16(_) => DType::BF16,
-            Tensors::F32(_) => DType::F32,
-            Tensors::F64(_) => DType::F64,
-        }
-    }
+crate::float_enum! {
+    /// The inputs, by dtype: logits and dense labels agree by construction.
+    #[derive(Clone, Debug)]
+    pub enum Tensors(Inputs)
 }
 
 /// A validated request: everything the kernel needs, all of it checked.
@@ -240,37 +218,20 @@ impl<T: Pod + Send + Sync> Outputs<T> {
     }
 }
 
-/// The result of an evaluation, in the logits' dtype.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Evaluated {
-    /// float16 outputs.
-    F16(Outputs<f16>),
-    /// bfloat16 outputs.
-    BF16(Outputs<bf16>),
-    /// float32 outputs.
-    F32(Outputs<f32>),
-    /// float64 outputs.
-    F64(Outputs<f64>),
+crate::float_enum! {
+    /// The result of an evaluation, in the logits' dtype.
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum Evaluated(Outputs)
 }
 
 impl Evaluated {
     /// Another handle on the same outputs, without copying them (see [`Buf::share`]).
     pub fn share(&mut self) -> Evaluated {
-        match self {
-            Evaluated::F16(o) => Evaluated::F16(o.share()),
-            Evaluated::BF16(o) => Evaluated::BF16(o.share()),
-            Evaluated::F32(o) => Evaluated::F32(o.share()),
-            Evaluated::F64(o) => Evaluated::F64(o.share()),
-        }
+        crate::match_float!(self, Evaluated, o => Evaluated::from(o.share()))
     }
 
     /// The call's numerical health.
     pub fn health(&self) -> Health {
-        match self {
-            Evaluated::F16(o) => o.health,
-            Evaluated::BF16(o) => o.health,
-            Evaluated::F32(o) => o.health,
-            Evaluated::F64(o) => o.health,
-        }
+        crate::match_float!(self, Evaluated, o => o.health)
     }
 }

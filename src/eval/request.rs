@@ -8,7 +8,6 @@
 //! so a request with several faults is refused for the same one whatever front it came by.
 //! After it, nothing the kernel receives can be out of range, mis-shaped or of mixed dtypes.
 
-use bytemuck::Pod;
 use ndarray::{ArrayViewD, IxDyn};
 
 use super::{
@@ -16,7 +15,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::kernel::{self, KernelError, Layout};
-use crate::tensor::{AnyTensor, Shaped};
+use crate::tensor::{AnyTensor, TensorElement};
 
 /// Longest `request_id` accepted, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -319,19 +318,14 @@ fn dense_inputs(logits: AnyTensor, labels: AnyTensor) -> Result<Tensors, Error> 
             ),
         ));
     }
-    fn pair<T: Pod>(x: Shaped<T>, y: Shaped<T>) -> Inputs<T> {
-        Inputs {
-            logits: x,
-            labels: Labels::Dense(y),
-        }
+    fn pair<T: TensorElement>(x: AnyTensor, y: AnyTensor) -> Option<Inputs<T>> {
+        Some(Inputs {
+            logits: T::from_any(x).ok()?,
+            labels: Labels::Dense(T::from_any(y).ok()?),
+        })
     }
-    Ok(match (logits, labels) {
-        (AnyTensor::F16(x), AnyTensor::F16(y)) => Tensors::F16(pair(x, y)),
-        (AnyTensor::BF16(x), AnyTensor::BF16(y)) => Tensors::BF16(pair(x, y)),
-        (AnyTensor::F32(x), AnyTensor::F32(y)) => Tensors::F32(pair(x, y)),
-        (AnyTensor::F64(x), AnyTensor::F64(y)) => Tensors::F64(pair(x, y)),
-        _ => return Err(Error::Internal("dtypes checked equal but differ".into())),
-    })
+    let inputs = crate::with_float!(logits.dtype(), T => pair::<T>(logits, labels).map(Tensors::from), int => None);
+    inputs.ok_or_else(|| Error::Internal("dtypes checked equal and float but differ".into()))
 }
 
 fn sparse_inputs(
@@ -381,21 +375,14 @@ fn sparse_inputs(
             format!("class id {value} at index {index:?} is out of range [0, {classes}){ignore}"),
         ));
     }
-    fn with<T: Pod>(x: Shaped<T>, ids: ClassIds) -> Inputs<T> {
-        Inputs {
-            logits: x,
+    fn with<T: TensorElement>(x: AnyTensor, ids: ClassIds) -> Option<Inputs<T>> {
+        Some(Inputs {
+            logits: T::from_any(x).ok()?,
             labels: Labels::Sparse(ids),
-        }
+        })
     }
-    Ok(match logits {
-        AnyTensor::F16(x) => Tensors::F16(with(x, ids)),
-        AnyTensor::BF16(x) => Tensors::BF16(with(x, ids)),
-        AnyTensor::F32(x) => Tensors::F32(with(x, ids)),
-        AnyTensor::F64(x) => Tensors::F64(with(x, ids)),
-        AnyTensor::I32(_) | AnyTensor::I64(_) => {
-            return Err(Error::Internal("logits checked float".into()));
-        }
-    })
+    let inputs = crate::with_float!(logits.dtype(), T => with::<T>(logits, ids).map(Tensors::from), int => None);
+    inputs.ok_or_else(|| Error::Internal("logits checked float".into()))
 }
 
 /// A row-major flat position as an index into `shape`.

@@ -26,7 +26,6 @@ use http_body::{Frame, SizeHint};
 use tonic::Status;
 use tonic::body::Body;
 
-use crate::dtype::DType;
 use crate::error::Error;
 use crate::eval::{Evaluation, Reduction};
 use crate::metrics::{self as m, ShedReason};
@@ -224,11 +223,10 @@ impl http_body::Body for Limited {
 /// framing.
 pub fn answer_bytes_at_least(ev: &Evaluation) -> usize {
     let dtype = ev.tensors.dtype();
-    let per_element = match (ev.raw_response, dtype) {
-        (true, d) => d.size(),
-        // Typed answers use `double_data` for float64 and `float_data` for every other float.
-        (false, DType::F64) => 8,
-        (false, _) => 4,
+    let per_element = if ev.raw_response {
+        dtype.size()
+    } else {
+        crate::api::tensor::typed_size(dtype)
     };
     let losses = match ev.options.reduction {
         Reduction::None => ev.layout.rows(),

@@ -29,12 +29,7 @@ pub fn response(
     ev: &Evaluation,
     out: Evaluated,
 ) -> Result<ModelInferResponse, Error> {
-    match out {
-        Evaluated::F16(o) => typed(reply, ev, o),
-        Evaluated::BF16(o) => typed(reply, ev, o),
-        Evaluated::F32(o) => typed(reply, ev, o),
-        Evaluated::F64(o) => typed(reply, ev, o),
-    }
+    crate::match_float!(out, Evaluated, o => typed(reply, ev, o))
 }
 
 fn typed<T: Contents>(
