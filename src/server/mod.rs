@@ -15,7 +15,6 @@ mod oip;
 mod service;
 
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -235,6 +234,3 @@ async fn warm_up(pool: ComputePool, health: HealthReporter) {
         Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "warm-up failed; staying NOT_SERVING"),
     }
 }
-
-/// How long a client should wait between polls of health during warm-up.
-pub const WARM_UP_POLL: Duration = Duration::from_millis(20);
