@@ -192,6 +192,8 @@ impl ClientError {
     }
 }
 
+pub use crate::api::convert::stream_error_status;
+
 /// The canonical upper-case name of a gRPC code, e.g. `INVALID_ARGUMENT`.
 pub use crate::metrics::code_label as code_name;
 

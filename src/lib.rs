@@ -43,6 +43,10 @@ pub mod proto {
     /// reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("xent_descriptor");
 
+    /// Every RPC of `proto/` (both packages, served or not), as `(path, method name)`: e.g.
+    /// `("/xent.v1.Xent/Evaluate", "Evaluate")`. Written by build.rs from the protos.
+    pub const METHODS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/methods.rs"));
+
     /// The KServe v2 Open Inference Protocol (`inference.GRPCInferenceService`), generated from
     /// `proto/inference/grpc_service.proto`.
     pub mod inference {

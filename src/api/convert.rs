@@ -5,6 +5,8 @@
 //! The protobuf enums are open (a field may carry a number no version of the proto names), so
 //! reading one can fail; the refusal names the field, as every INVALID_ARGUMENT does.
 
+use tonic::Status;
+
 use crate::error::Error;
 use crate::eval::{Input, LossKind, OptionName, OptionValue, Output, Reduction};
 use crate::kernel::Health;
@@ -120,6 +122,29 @@ impl From<proto::NumericalHealth> for Health {
             nonfinite_loss_rows: h.nonfinite_loss_rows,
         }
     }
+}
+
+/// An error answering one request of a stream: the status the error maps to (the one
+/// mapping every refusal goes through), with its details, and the field at fault.
+pub fn stream_error(e: Error) -> proto::StreamError {
+    let field = e.field().unwrap_or_default().to_string();
+    let status = e.into_status();
+    proto::StreamError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        field,
+        details: status.details().to_vec(),
+    }
+}
+
+/// The status an in-stream error stands for, details included (read them with
+/// `tonic_types::StatusExt`, as for a unary call's refusal).
+pub fn stream_error_status(e: &proto::StreamError) -> Status {
+    Status::with_details(
+        tonic::Code::from_i32(e.code),
+        e.message.clone(),
+        bytes::Bytes::copy_from_slice(&e.details),
+    )
 }
 
 /// Option `name` as `req` sets it: `None` where the field is unset (a proto3 scalar is unset
