@@ -4,8 +4,9 @@
 //! The types themselves ([`DType`], and the [`Element`] and [`Calc`] traits that say how each
 //! float type is computed) belong to the kernel, which must depend on nothing above it; this
 //! module re-exports them for the rest of the service and adds what only the service needs:
-//! their names, the contract's tolerances, and the dispatch from a dtype known at run time to
-//! code written once, generically, for its element type.
+//! the dtype of every element type, integers included, the contract's tolerances, and the
+//! dispatch from a dtype known at run time to code written once, generically, for its element
+//! type. (Their names, as every API spells them, are in `eval::names`.)
 //!
 //! Dispatch is by these macros, the only place outside the kernel and the protocols' name
 //! tables that lists the element types: [`with_dtype!`](crate::with_dtype) and
@@ -16,23 +17,6 @@
 //! they expand is exhaustive, so the build says what else needs it.
 
 pub use crate::kernel::dtype::{Calc, DType, Element};
-
-use crate::eval::Named;
-
-impl Named for DType {
-    const ALL: &'static [Self] = &[
-        DType::F16,
-        DType::BF16,
-        DType::F32,
-        DType::F64,
-        DType::I32,
-        DType::I64,
-    ];
-    const WHAT: &'static str = "dtype";
-    fn name(self) -> &'static str {
-        DType::name(self)
-    }
-}
 
 /// The dtype of an element type, integers included (the kernel's [`Element`] is for the float
 /// types it computes with).
@@ -51,13 +35,6 @@ macro_rules! has_dtype {
 }
 
 has_dtype!(half::f16 => F16, half::bf16 => BF16, f32 => F32, f64 => F64, i32 => I32, i64 => I64);
-
-impl std::str::FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        DType::parse_name(s)
-    }
-}
 
 /// The contract's `(rel, abs)` tolerance of a dtype against a float64 reference (semantics
 /// §8); integers are exact.
@@ -220,6 +197,7 @@ mod tests {
 
     #[test]
     fn dispatch_reaches_each_element_type() {
+        use crate::eval::Named;
         for &d in DType::ALL {
             assert_eq!(
                 crate::with_dtype!(d, T => std::mem::size_of::<T>()),

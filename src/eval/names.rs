@@ -7,6 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::dtype::DType;
 use crate::kernel::Health;
 pub use crate::kernel::{Options, Reduction};
 
@@ -312,6 +313,28 @@ impl Named for OptionName {
 }
 
 display_and_parse!(LossKind, Output, Input, OptionName);
+
+impl Named for DType {
+    const ALL: &'static [Self] = &[
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+        DType::I32,
+        DType::I64,
+    ];
+    const WHAT: &'static str = "dtype";
+    fn name(self) -> &'static str {
+        DType::name(self)
+    }
+}
+
+impl FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DType::parse_name(s)
+    }
+}
 
 /// The numerical health counts' names in every API (xent.v1's `NumericalHealth` fields, the
 /// Open Inference Protocol's response parameters), in the order [`health_counts`] gives them.
