@@ -60,22 +60,6 @@ pub fn tolerance(dtype: DType) -> (f64, f64) {
 macro_rules! with_dtype {
     ($dtype:expr, $T:ident => $body:expr $(,)?) => {
         match $dtype {
-            $crate::dtype::DType::F16 => {
-                type $T = ::half::f16;
-                $body
-            }
-            $crate::dtype::DType::BF16 => {
-                type $T = ::half::bf16;
-                $body
-            }
-            $crate::dtype::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            $crate::dtype::DType::F64 => {
-                type $T = f64;
-                $body
-            }
             $crate::dtype::DType::I32 => {
                 type $T = i32;
                 $body
@@ -84,6 +68,7 @@ macro_rules! with_dtype {
                 type $T = i64;
                 $body
             }
+            float => $crate::with_float!(float, $T => $body, int => unreachable!("{float} is a float dtype")),
         }
     };
 }

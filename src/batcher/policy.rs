@@ -94,6 +94,23 @@ pub struct Limits {
     pub max_queue_bytes: usize,
 }
 
+#[cfg(test)]
+impl Limits {
+    /// The limits the batcher's unit tests run with: 100 rows or 1 MB a batch, large from
+    /// 400 kB, 8 requests or 2 MB waiting.
+    pub(crate) fn for_tests() -> Limits {
+        Limits {
+            batching: true,
+            max_delay: Duration::from_millis(2),
+            max_batch_rows: 100,
+            max_batch_bytes: 1_000_000,
+            large_request_bytes: 400_000,
+            max_queue_requests: 8,
+            max_queue_bytes: 2_000_000,
+        }
+    }
+}
+
 /// A waiting request.
 #[derive(Debug)]
 pub struct Entry<P> {
@@ -318,15 +335,7 @@ mod tests {
     };
 
     fn limits() -> Limits {
-        Limits {
-            batching: true,
-            max_delay: Duration::from_millis(2),
-            max_batch_rows: 100,
-            max_batch_bytes: 1_000_000,
-            large_request_bytes: 400_000,
-            max_queue_requests: 8,
-            max_queue_bytes: 2_000_000,
-        }
+        Limits::for_tests()
     }
 
     fn entry(key: BatchKey, rows: usize, bytes: usize, at: Instant, id: u32) -> Entry<u32> {

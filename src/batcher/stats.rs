@@ -118,20 +118,10 @@ impl Stats {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn limits() -> Limits {
-        Limits {
-            batching: true,
-            max_delay: Duration::from_millis(2),
-            max_batch_rows: 100,
-            max_batch_bytes: 1_000_000,
-            large_request_bytes: 400_000,
-            max_queue_requests: 8,
-            max_queue_bytes: 2_000_000,
-        }
+        Limits::for_tests()
     }
 
     #[test]

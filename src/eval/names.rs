@@ -47,6 +47,19 @@ pub trait Named: Copy + Sized + 'static {
     }
 }
 
+/// Implements [`Named`] for an enum whose inherent `name` gives each value's name.
+macro_rules! named {
+    ($($t:ident: $what:literal = $all:expr;)*) => {$(
+        impl Named for $t {
+            const ALL: &'static [Self] = $all;
+            const WHAT: &'static str = $what;
+            fn name(self) -> &'static str {
+                $t::name(self)
+            }
+        }
+    )*};
+}
+
 /// Implements `Display` and `FromStr` through [`Named`].
 macro_rules! display_and_parse {
     ($($t:ty),*) => {$(
@@ -92,14 +105,6 @@ impl LossKind {
     }
 }
 
-impl Named for LossKind {
-    const ALL: &'static [Self] = &[LossKind::Dense, LossKind::Sparse];
-    const WHAT: &'static str = "loss";
-    fn name(self) -> &'static str {
-        LossKind::name(self)
-    }
-}
-
 /// An output a request can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Output {
@@ -125,22 +130,6 @@ impl Output {
             Output::GradLogits => "grad_logits",
             Output::GradLabels => "grad_labels",
         }
-    }
-}
-
-impl Named for Output {
-    const ALL: &'static [Self] = &Output::ALL;
-    const WHAT: &'static str = "output";
-    fn name(self) -> &'static str {
-        Output::name(self)
-    }
-}
-
-impl Named for Reduction {
-    const ALL: &'static [Self] = &Reduction::ALL;
-    const WHAT: &'static str = "reduction";
-    fn name(self) -> &'static str {
-        Reduction::name(self)
     }
 }
 
@@ -178,14 +167,6 @@ impl Input {
             Input::SampleWeights => "sample_weights",
             Input::Upstream => "upstream",
         }
-    }
-}
-
-impl Named for Input {
-    const ALL: &'static [Self] = &Input::ALL;
-    const WHAT: &'static str = "input";
-    fn name(self) -> &'static str {
-        Input::name(self)
     }
 }
 
@@ -304,18 +285,13 @@ impl OptionName {
     }
 }
 
-impl Named for OptionName {
-    const ALL: &'static [Self] = &OptionName::ALL;
-    const WHAT: &'static str = "option";
-    fn name(self) -> &'static str {
-        OptionName::name(self)
-    }
-}
-
-display_and_parse!(LossKind, Output, Input, OptionName);
-
-impl Named for DType {
-    const ALL: &'static [Self] = &[
+named! {
+    LossKind: "loss" = &[LossKind::Dense, LossKind::Sparse];
+    Output: "output" = &Output::ALL;
+    Reduction: "reduction" = &Reduction::ALL;
+    Input: "input" = &Input::ALL;
+    OptionName: "option" = &OptionName::ALL;
+    DType: "dtype" = &[
         DType::F16,
         DType::BF16,
         DType::F32,
@@ -323,11 +299,9 @@ impl Named for DType {
         DType::I32,
         DType::I64,
     ];
-    const WHAT: &'static str = "dtype";
-    fn name(self) -> &'static str {
-        DType::name(self)
-    }
 }
+
+display_and_parse!(LossKind, Output, Input, OptionName);
 
 impl FromStr for DType {
     type Err = String;
