@@ -339,14 +339,20 @@ async fn expired_and_abandoned_calls_are_never_computed() {
         server.stats().inflight_batches.load(Ordering::SeqCst) == 1
     })
     .await;
-    // One call whose deadline passes while it waits, one whose caller goes away.
+    // One call whose deadline passes while it waits, one whose caller goes away. The deadline
+    // leaves the call time to reach the queue however loaded the machine is (a call still on
+    // its way when its deadline passes is refused at admission, not expired in the queue).
     let mut timed = Request::new(req.clone());
-    timed.set_timeout(Duration::from_millis(30));
-    let err = client
-        .clone()
-        .evaluate(timed)
-        .await
-        .expect_err("expires while queued");
+    timed.set_timeout(Duration::from_millis(500));
+    let timed = {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.evaluate(timed).await })
+    };
+    eventually("the timed call is queued", || {
+        server.stats().queued_requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let err = timed.await.unwrap().expect_err("expires while queued");
     // xentd answers DEADLINE_EXCEEDED 2 ms before the deadline; tonic's client enforces the
     // same grpc-timeout itself and ends the call CANCELLED ("Timeout expired") when that answer
     // is late, which a loaded machine (client and server share this runtime) sometimes makes
