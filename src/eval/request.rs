@@ -11,8 +11,10 @@
 use ndarray::{ArrayViewD, IxDyn};
 
 use super::{
-    ClassIds, Evaluation, Inputs, Labels, LossKind, Options, Output, Reduction, Tensors, Wanted,
+    ClassIds, Evaluation, Inputs, Labels, LossKind, Named, Options, Output, Reduction, Tensors,
+    Wanted,
 };
+use crate::dtype::DType;
 use crate::error::Error;
 use crate::kernel::{self, KernelError, Layout};
 use crate::tensor::{AnyTensor, TensorElement};
@@ -156,7 +158,7 @@ impl Request {
         if !dtype.is_float() {
             return Err(Error::invalid(
                 "logits",
-                format!("has dtype {dtype}; expected float16, bfloat16, float32 or float64"),
+                format!("has dtype {dtype}; expected {}", float_names()),
             ));
         }
         let shape = logits.shape().to_vec();
@@ -383,6 +385,19 @@ fn sparse_inputs(
     }
     let inputs = crate::with_float!(logits.dtype(), T => with::<T>(logits, ids).map(Tensors::from), int => None);
     inputs.ok_or_else(|| Error::Internal("logits checked float".into()))
+}
+
+/// The float dtypes' names, as `a, b, c or d`.
+fn float_names() -> String {
+    let names: Vec<&str> = <DType as Named>::ALL
+        .iter()
+        .filter(|d| d.is_float())
+        .map(|d| d.name())
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// A row-major flat position as an index into `shape`.
