@@ -61,9 +61,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::api::convert;
 use crate::api::tensor::{WireElement, decode, encode};
 use crate::dtype::Element;
-use crate::eval::{LossKind, Options, Reduction, Wanted};
+use crate::eval::{LossKind, OptionName, Options, Output, Reduction, Wanted};
 pub use crate::kernel::Health;
 use crate::proto;
 use crate::proto::xent_client::XentClient;
@@ -190,6 +191,8 @@ impl ClientError {
         }
     }
 }
+
+pub use crate::api::convert::stream_error_status;
 
 /// The canonical upper-case name of a gRPC code, e.g. `INVALID_ARGUMENT`.
 pub use crate::metrics::code_label as code_name;
@@ -637,37 +640,29 @@ impl<T: FloatElement> EvalRequest<T> {
 
     /// The protobuf message. Cheap: tensor bytes are reference-counted, not copied.
     pub fn to_proto(&self) -> proto::EvaluateRequest {
-        let o = &self.options;
-        let mut outputs = Vec::new();
-        if self.wanted.loss {
-            outputs.push(proto::Output::Loss as i32);
-        }
-        if self.wanted.grad_logits {
-            outputs.push(proto::Output::GradLogits as i32);
-        }
-        if self.wanted.grad_labels {
-            outputs.push(proto::Output::GradLabels as i32);
-        }
-        proto::EvaluateRequest {
+        let mut req = proto::EvaluateRequest {
             request_id: self.request_id.clone(),
-            loss: match self.kind {
-                LossKind::Dense => proto::LossKind::SoftmaxCrossEntropy,
-                LossKind::Sparse => proto::LossKind::SparseSoftmaxCrossEntropy,
-            } as i32,
+            loss: proto::LossKind::from(self.kind) as i32,
             logits: Some(self.logits.clone()),
             labels: Some(self.labels.clone()),
-            axis: Some(o.axis),
-            label_smoothing: o.label_smoothing,
             class_weights: self.class_weights.clone(),
             sample_weights: self.sample_weights.clone(),
-            ignore_index: o.ignore_index,
-            from_logits: Some(o.from_logits),
-            z_loss: o.z_loss,
-            reduction: reduction_to_proto(o.reduction) as i32,
             upstream: self.upstream.clone(),
-            outputs,
-            response_encoding: proto::Encoding::Raw as i32,
+            outputs: Output::ALL
+                .into_iter()
+                .filter(|&o| self.wanted.has(o))
+                .map(|o| proto::Output::from(o) as i32)
+                .collect(),
+            response_encoding: convert::encoding(true) as i32,
+            ..Default::default()
+        };
+        // Every option is sent (ignore_index when set), so the server's defaults never decide.
+        for name in OptionName::ALL {
+            if let Some(v) = name.get(&self.options) {
+                convert::set_option(&mut req, name, v).expect("an option's own kind");
+            }
         }
+        req
     }
 
     /// The shape the returned loss must have, when the axis is valid for the logits.
@@ -713,24 +708,9 @@ impl<T: FloatElement> EvalRequest<T> {
                 wanted.grad_labels,
                 Some(&self.labels_shape),
             )?,
-            health: response.health.map_or_else(Health::default, |h| Health {
-                nonfinite_inputs: h.nonfinite_inputs,
-                unnormalized_label_rows: h.unnormalized_label_rows,
-                nonfinite_loss_rows: h.nonfinite_loss_rows,
-            }),
+            health: response.health.map_or_else(Health::default, Health::from),
             request_id: response.request_id,
         })
-    }
-}
-
-/// Ours to the API's.
-fn reduction_to_proto(r: Reduction) -> proto::Reduction {
-    match r {
-        Reduction::None => proto::Reduction::None,
-        Reduction::Sum => proto::Reduction::Sum,
-        Reduction::Mean => proto::Reduction::Mean,
-        Reduction::SumOverBatchSize => proto::Reduction::SumOverBatchSize,
-        Reduction::SumByNonzeroWeights => proto::Reduction::SumByNonzeroWeights,
     }
 }
 
@@ -752,7 +732,7 @@ fn output<T: FloatElement>(
     };
     let any = decode(Some(tensor)).map_err(|e| ClientError::Response(format!("{name} {e}")))?;
     let got = any.dtype();
-    let want = <T as WireElement>::DTYPE;
+    let want = <T as Element>::DTYPE;
     let shaped = T::take(any)
         .ok_or_else(|| ClientError::Response(format!("{name} has dtype {got}, expected {want}")))?;
     if let Some(expected) = shape

@@ -1,9 +1,11 @@
-//! Runs kernel work on a dedicated rayon pool, never on tokio's worker threads.
+//! Runs kernel work on a dedicated rayon pool, never on tokio's worker threads, and evaluates
+//! a validated request through the kernel.
 //!
-//! [`ComputePool::evaluate`] moves a validated request onto the pool with `spawn`, re-enters
-//! the caller's tracing span there, and answers through a oneshot channel, so the async
-//! runtime only ever awaits. A panic inside the kernel becomes [`Error::Internal`] for that
-//! call; the pool and every other call carry on.
+//! [`ComputePool::run`] moves work onto the pool with `spawn`, re-enters the caller's tracing
+//! span there, and answers through a oneshot channel, so the async runtime only ever awaits. A
+//! panic inside the kernel becomes [`Error::Internal`] for that call; the pool and every other
+//! call carry on. [`evaluate`] is the step from an [`Evaluation`] to its [`Evaluated`] outputs,
+//! on whichever pool thread runs it.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -12,8 +14,12 @@ use tokio::sync::oneshot;
 
 use crate::dtype::Element;
 use crate::error::Error;
-use crate::eval::{ClassIds, Evaluated, Evaluation, Inputs, Labels, Outputs, Tensors};
+use crate::eval::{
+    ClassIds, Evaluated, Evaluation, Inputs, Labels, LossKind, Options, Outputs, Request, Tensors,
+    Wanted,
+};
 use crate::kernel::{self, Grads, Loss, Problem, Upstream};
+use crate::tensor::{AnyTensor, Buf, Shaped};
 
 /// A named rayon pool for kernel work.
 #[derive(Clone, Debug)]
@@ -72,11 +78,6 @@ impl ComputePool {
             }
         });
     }
-
-    /// Evaluates a request on the pool.
-    pub async fn evaluate(&self, ev: Arc<Evaluation>) -> Result<Evaluated, Error> {
-        self.run(move || evaluate(&ev)).await
-    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -88,12 +89,7 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Evaluates a request on the current thread (and the current rayon pool for its rows).
 pub fn evaluate(ev: &Evaluation) -> Result<Evaluated, Error> {
-    Ok(match &ev.tensors {
-        Tensors::F16(t) => Evaluated::F16(typed(ev, t)?),
-        Tensors::BF16(t) => Evaluated::BF16(typed(ev, t)?),
-        Tensors::F32(t) => Evaluated::F32(typed(ev, t)?),
-        Tensors::F64(t) => Evaluated::F64(typed(ev, t)?),
-    })
+    Ok(crate::match_float!(&ev.tensors, Tensors, t => Evaluated::from(typed(ev, t)?)))
 }
 
 fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error> {
@@ -149,23 +145,34 @@ fn typed<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> Result<Outputs<T>, Error
         Loss::Reduced(v) => vec![T::from_f64(v)],
     });
     Ok(Outputs {
-        loss,
-        grad_logits,
-        grad_labels,
+        loss: loss.map(Buf::from_vec),
+        grad_logits: grad_logits.map(Buf::from_vec),
+        grad_labels: grad_labels.map(Buf::from_vec),
         health,
     })
 }
 
 /// The spec's worked example (semantics §9) as a request, used to warm the pool up.
 pub fn warm_up_request() -> Result<Evaluation, Error> {
-    use crate::api::tensor::encode;
-    crate::api::decode(crate::proto::EvaluateRequest {
+    let f32s = |v: Vec<f32>| {
+        Ok(AnyTensor::F32(Shaped {
+            shape: vec![2, 3],
+            data: Buf::from_vec(v),
+        }))
+    };
+    Request {
         request_id: "warm-up".into(),
-        loss: crate::proto::LossKind::SoftmaxCrossEntropy as i32,
-        logits: Some(encode(&[2, 3], vec![1.0f32, 2.0, 0.5, 0.2, 0.8, 1.5], true)),
-        labels: Some(encode(&[2, 3], vec![0.0f32, 1.0, 0.0, 0.0, 0.0, 1.0], true)),
-        ..Default::default()
-    })
+        kind: LossKind::Dense,
+        options: Options::default(),
+        wanted: Wanted::default(),
+        raw_response: true,
+        logits: f32s(vec![1.0, 2.0, 0.5, 0.2, 0.8, 1.5]),
+        labels: f32s(vec![0.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
+        class_weights: None,
+        sample_weights: None,
+        upstream: None,
+    }
+    .validate()
 }
 
 /// Checks the warm-up's answer against the spec's published losses.
@@ -173,117 +180,14 @@ pub fn check_warm_up(out: &Evaluated) -> Result<(), Error> {
     const EXPECTED: [f32; 2] = [0.464_368_8, 0.570_480_6];
     match out {
         Evaluated::F32(Outputs { loss: Some(l), .. })
-            if l.len() == 2 && l.iter().zip(EXPECTED).all(|(a, b)| (a - b).abs() < 1e-6) =>
+            if l.len() == 2
+                && l.slice()
+                    .iter()
+                    .zip(EXPECTED)
+                    .all(|(a, b)| (a - b).abs() < 1e-6) =>
         {
             Ok(())
         }
         other => Err(Error::Internal(format!("warm-up gave {other:?}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-    use half::bf16;
-    use prost::Message as _;
-
-    use super::*;
-    use crate::api::tensor::encode;
-    use crate::dtype::DType;
-    use crate::eval::Tensors;
-    use crate::kernel::{Elems, copies};
-    use crate::proto;
-
-    const ROWS: usize = 4;
-    const CLASSES: usize = 2500;
-
-    /// A request of float32 or bfloat16 logits with dense labels or class ids; class weights
-    /// send it down the kernel's general path.
-    fn request(id: &str, dtype: DType, sparse: bool, weighted: bool) -> proto::EvaluateRequest {
-        let shape = [ROWS, CLASSES];
-        let x: Vec<f32> = (0..ROWS * CLASSES)
-            .map(|k| ((k * 7919) % 1013) as f32 / 101.0 - 5.0)
-            .collect();
-        let ids: Vec<i32> = (0..ROWS).map(|r| (r * 31 % CLASSES) as i32).collect();
-        let mut y = vec![0.0f32; ROWS * CLASSES];
-        for (r, &t) in ids.iter().enumerate() {
-            y[r * CLASSES + t as usize] = 1.0;
-        }
-        let float = |v: Vec<f32>| match dtype {
-            DType::BF16 => encode(&shape, v.into_iter().map(bf16::from_f32).collect(), true),
-            _ => encode(&shape, v, true),
-        };
-        proto::EvaluateRequest {
-            request_id: id.into(),
-            loss: if sparse {
-                proto::LossKind::SparseSoftmaxCrossEntropy
-            } else {
-                proto::LossKind::SoftmaxCrossEntropy
-            } as i32,
-            logits: Some(float(x)),
-            labels: Some(if sparse {
-                encode(&[ROWS], ids, true)
-            } else {
-                float(y)
-            }),
-            label_smoothing: 0.1,
-            class_weights: weighted.then(|| encode(&[CLASSES], vec![1.0f32; CLASSES], true)),
-            ..Default::default()
-        }
-    }
-
-    /// The request as the server receives it: decoded from one buffer, so each `raw_data` is a
-    /// slice of that buffer at whatever offset the protobuf framing gives it.
-    fn received(req: &proto::EvaluateRequest) -> Evaluation {
-        let frame = Bytes::from(req.encode_to_vec());
-        crate::api::decode(proto::EvaluateRequest::decode(frame).unwrap()).unwrap()
-    }
-
-    /// Whether the logits reached the kernel as unaligned bytes.
-    fn unaligned_logits(ev: &Evaluation) -> bool {
-        match &ev.tensors {
-            Tensors::F32(t) => matches!(t.logits.data.elems(), Elems::Le(_)),
-            Tensors::BF16(t) => matches!(t.logits.data.elems(), Elems::Le(_)),
-            _ => unreachable!("float32 and bfloat16 only"),
-        }
-    }
-
-    /// Request ids of 0 to 3 bytes move the tensors through every offset modulo 4: on the fast
-    /// path, unaligned logits and dense labels are read where they were received, with no
-    /// full-size copy (only unaligned class ids, one per row, are copied), and give the bits
-    /// of aligned ones. The general path copies them, once per call.
-    #[test]
-    fn unaligned_raw_tensors_reach_the_fast_path_without_a_copy() {
-        let fast = kernel::simd::Level::current() != kernel::simd::Level::General;
-        for dtype in [DType::F32, DType::BF16] {
-            for sparse in [false, true] {
-                for weighted in [false, true] {
-                    // Encoded tensors are aligned `Vec`s, read in place.
-                    let direct = crate::api::decode(request("", dtype, sparse, weighted));
-                    let direct = direct.unwrap();
-                    assert!(!unaligned_logits(&direct));
-                    let aligned = evaluate(&direct);
-                    let mut unaligned_seen = 0;
-                    for id in ["", "a", "ab", "abc"] {
-                        let ev = received(&request(id, dtype, sparse, weighted));
-                        unaligned_seen += usize::from(unaligned_logits(&ev));
-                        let before = copies::bytes();
-                        let got = evaluate(&ev);
-                        let copied = copies::bytes() - before;
-                        let what = format!("{dtype} sparse {sparse} weighted {weighted} id {id:?}");
-                        // (Not `assert_eq!`: the outputs are too long to print.)
-                        assert!(got.as_ref().unwrap() == aligned.as_ref().unwrap(), "{what}");
-                        let tensor = ROWS * CLASSES * dtype.size();
-                        if fast && !weighted {
-                            assert!(copied <= ROWS * 4, "{what}: {copied} bytes copied");
-                        } else if unaligned_logits(&ev) {
-                            assert!(copied >= tensor, "{what}: {copied} bytes copied");
-                        }
-                    }
-                    let want = if dtype == DType::F32 { 3 } else { 2 };
-                    assert_eq!(unaligned_seen, want, "{dtype} sparse {sparse}");
-                }
-            }
-        }
     }
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::batcher::{BatcherSettings, Limits};
 
@@ -116,6 +116,29 @@ pub struct Config {
 }
 
 impl Config {
+    /// The command line with every flag's environment variable left unread, so its
+    /// defaults are the documented ones whatever the shell holds.
+    fn command_without_env() -> clap::Command {
+        Config::command().mut_args(|a| a.env(None))
+    }
+
+    /// The configuration `args` give (the program name first) with no `XENT_*` variable
+    /// read (`Config::parse` reads them): for tests and embedding programs, whose settings
+    /// must not depend on the shell they run in.
+    pub fn from_args_only<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Config::command_without_env().try_get_matches_from(args)?;
+        Config::from_arg_matches(&matches)
+    }
+
+    /// Every flag at its documented default, whatever the environment holds.
+    pub fn defaults() -> Config {
+        Config::from_args_only(["xentd"]).expect("the defaults are a valid command line")
+    }
+
     /// How logs and traces are to be set up.
     pub fn telemetry(&self, ansi: bool) -> crate::telemetry::TelemetrySettings {
         crate::telemetry::TelemetrySettings {
@@ -156,10 +179,9 @@ pub struct Settings {
 }
 
 impl Default for Settings {
+    /// The settings of [`Config::defaults`]: no flag, and no `XENT_*` variable either.
     fn default() -> Self {
-        Config::parse_from(["xentd"])
-            .validate()
-            .expect("defaults are valid")
+        Config::defaults().validate().expect("defaults are valid")
     }
 }
 
@@ -300,9 +322,31 @@ mod tests {
     }
 
     #[test]
+    fn defaults_read_no_environment_variable() {
+        // Every flag has a variable...
+        let with_env = Config::command();
+        assert!(
+            with_env
+                .get_arguments()
+                .filter(|a| a.get_id() != "help" && a.get_id() != "version")
+                .all(|a| a.get_env().is_some())
+        );
+        // ...and the defaults consult none of them.
+        let without = Config::command_without_env();
+        assert!(without.get_arguments().all(|a| a.get_env().is_none()));
+        assert_eq!(
+            Config::defaults().validate().unwrap(),
+            Settings::default(),
+            "Settings::default is Config::defaults"
+        );
+        assert_eq!(Config::defaults().max_message_bytes, 256 * MIB);
+    }
+
+    #[test]
     fn nonsense_is_refused_with_the_flag_named() {
         let bad = |args: &[&str]| {
-            Config::parse_from([&["xentd"], args].concat())
+            Config::from_args_only([&["xentd"], args].concat())
+                .unwrap()
                 .validate()
                 .unwrap_err()
         };
@@ -314,11 +358,13 @@ mod tests {
         assert!(bad(&["--max-queue-requests", "0"]).contains("--max-queue-requests"));
         assert!(bad(&["--metrics-listen", "nowhere"]).contains("--metrics-listen"));
         assert!(bad(&["--verify-fraction", "2"]).contains("--verify-fraction"));
-        let off = Config::parse_from(["xentd", "--metrics-listen", "off"])
+        let off = Config::from_args_only(["xentd", "--metrics-listen", "off"])
+            .unwrap()
             .validate()
             .unwrap();
         assert_eq!(off.metrics_listen, None);
-        let ok = Config::parse_from(["xentd", "--listen", "127.0.0.1:0"])
+        let ok = Config::from_args_only(["xentd", "--listen", "127.0.0.1:0"])
+            .unwrap()
             .validate()
             .unwrap();
         assert!(ok.max_message_bytes >= 256 * MIB);

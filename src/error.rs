@@ -1,8 +1,9 @@
 //! The one error type of the service and its one mapping to gRPC status.
 //!
 //! Every layer returns [`Error`]; only [`Error::into_status`] decides codes and details, with
-//! no wildcard arm, so a new variant cannot reach a caller with a code nobody chose.
-//! [`Error::kind`] gives a stable label from a closed set for logs and metrics.
+//! no wildcard arm, so a new variant cannot reach a caller with a code nobody chose. Metrics
+//! and logs label an error by its gRPC code ([`Error::code`], `metrics::code_label`), a closed
+//! set.
 
 use std::time::Duration;
 
@@ -54,19 +55,6 @@ impl Error {
         Error::InvalidArgument {
             field: field.into(),
             reason: reason.into(),
-        }
-    }
-
-    /// A stable label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Error::InvalidArgument { .. } => "invalid_argument",
-            Error::NotFound(_) => "not_found",
-            Error::ResourceExhausted(_) => "resource_exhausted",
-            Error::Unavailable { .. } => "unavailable",
-            Error::DeadlineExceeded(_) => "deadline_exceeded",
-            Error::Cancelled => "cancelled",
-            Error::Internal(_) => "internal",
         }
     }
 

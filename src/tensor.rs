@@ -1,9 +1,10 @@
-//! Typed element buffers that may borrow the received gRPC frame.
+//! The service's tensors: typed element buffers, shaped, of any dtype; what every front decodes
+//! into and every encoder reads from.
 //!
-//! A request's `raw_data` arrives as a [`bytes::Bytes`] slice of the message tonic received
-//! (prost takes it out of the message without copying). [`Buf`] keeps it as it came, aligned
-//! for the element type or not: its offset in the message is whatever the protobuf framing
-//! made it, so a float32 tensor is unaligned three times in four.
+//! A request's raw tensor bytes arrive as a [`bytes::Bytes`] slice of the message the
+//! transport received (prost takes them out of the message without copying). [`Buf`] keeps
+//! them as they came, aligned for the element type or not: their offset in the message is
+//! whatever the protobuf framing made it, so a float32 tensor is unaligned three times in four.
 //!
 //! - [`Buf::elems`] is how logits and dense labels reach the kernel: the elements in place
 //!   where aligned, else the received bytes themselves as [`LeBytes`], never a copy. The
@@ -16,8 +17,13 @@
 //!   buffer, made on whichever thread asks (for class ids, one per row, and the few callers
 //!   outside the kernel's float inputs).
 //!
-//! Outputs go the other way: [`vec_into_bytes`] hands a computed `Vec<T>` to the encoder
-//! without copying it.
+//! Outputs go the other way: the compute step wraps each computed `Vec<T>` in a [`Buf`], and
+//! an encoder takes it back out without a copy, as bytes ([`Buf::into_le_bytes`]) or as the
+//! vector ([`Buf::into_vec`]). [`Buf::share`] lets a second reader (the sampled float64
+//! verifier) hold the same elements: the buffer becomes reference-counted bytes, so only a
+//! typed encoding of a shared buffer copies it.
+//!
+//! [`Shaped`] is a buffer with its shape and [`AnyTensor`] one of any dtype, as decoded.
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
@@ -25,6 +31,9 @@ use std::marker::PhantomData;
 use bytemuck::Pod;
 use bytes::Bytes;
 
+use half::{bf16, f16};
+
+use crate::dtype::{DType, HasDType};
 use crate::kernel::{Elems, LeBytes};
 
 /// Elements of type `T`, either borrowed from received bytes or owned.
@@ -117,6 +126,153 @@ impl<T: Pod> Buf<T> {
             Repr::Shared(b, _) => bytemuck::try_cast_slice::<u8, T>(b).is_ok(),
             Repr::Owned(_) => false,
         }
+    }
+
+    /// Another handle on the same elements, without copying them: owned elements become
+    /// reference-counted bytes first (which moves the vector, it does not copy it).
+    pub fn share(&mut self) -> Self
+    where
+        T: Send + Sync,
+    {
+        if let Repr::Owned(v) = &mut self.repr {
+            let bytes = vec_into_bytes(std::mem::take(v));
+            self.repr = Repr::Shared(bytes, PhantomData);
+        }
+        self.clone()
+    }
+
+    /// The elements as little-endian bytes: received or shared bytes as they are, owned
+    /// elements without a copy on little-endian hosts.
+    pub fn into_le_bytes(self) -> Bytes
+    where
+        T: Send + Sync,
+    {
+        match self.repr {
+            Repr::Shared(b, _) => b,
+            Repr::Owned(v) => vec_into_bytes(v),
+        }
+    }
+
+    /// The elements as a vector: owned ones moved out, shared ones copied.
+    pub fn into_vec(self) -> Vec<T> {
+        match self.repr {
+            Repr::Owned(v) => v,
+            Repr::Shared(..) => self.slice().into_owned(),
+        }
+    }
+}
+
+impl<T: Pod + PartialEq> PartialEq for Buf<T> {
+    fn eq(&self, other: &Self) -> bool {
+        *self.slice() == *other.slice()
+    }
+}
+
+/// A tensor of elements `T`: a shape and its row-major elements.
+#[derive(Clone, Debug)]
+pub struct Shaped<T: Pod> {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major elements.
+    pub data: Buf<T>,
+}
+
+impl<T: Pod> Shaped<T> {
+    /// The elements as an owned n-dimensional array.
+    pub fn to_array(&self) -> ndarray::ArrayD<T> {
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&self.shape), self.data.slice().into_owned())
+            .expect("shape and length are checked at decode")
+    }
+}
+
+/// A tensor of any dtype.
+#[derive(Clone, Debug)]
+pub enum AnyTensor {
+    /// float16 elements.
+    F16(Shaped<f16>),
+    /// bfloat16 elements.
+    BF16(Shaped<bf16>),
+    /// float32 elements.
+    F32(Shaped<f32>),
+    /// float64 elements.
+    F64(Shaped<f64>),
+    /// int32 elements.
+    I32(Shaped<i32>),
+    /// int64 elements.
+    I64(Shaped<i64>),
+}
+
+impl AnyTensor {
+    /// The dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            AnyTensor::F16(_) => DType::F16,
+            AnyTensor::BF16(_) => DType::BF16,
+            AnyTensor::F32(_) => DType::F32,
+            AnyTensor::F64(_) => DType::F64,
+            AnyTensor::I32(_) => DType::I32,
+            AnyTensor::I64(_) => DType::I64,
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            AnyTensor::F16(t) => &t.shape,
+            AnyTensor::BF16(t) => &t.shape,
+            AnyTensor::F32(t) => &t.shape,
+            AnyTensor::F64(t) => &t.shape,
+            AnyTensor::I32(t) => &t.shape,
+            AnyTensor::I64(t) => &t.shape,
+        }
+    }
+
+    /// Every element widened to `f64`, for small float tensors (weights, upstream).
+    /// `None` for integer tensors.
+    pub fn floats_to_f64(&self) -> Option<Vec<f64>> {
+        fn widen<T: Pod + Into<f64>>(t: &Shaped<T>) -> Vec<f64> {
+            t.data.slice().iter().map(|&v| v.into()).collect()
+        }
+        Some(match self {
+            AnyTensor::F16(t) => widen(t),
+            AnyTensor::BF16(t) => widen(t),
+            AnyTensor::F32(t) => widen(t),
+            AnyTensor::F64(t) => widen(t),
+            AnyTensor::I32(_) | AnyTensor::I64(_) => return None,
+        })
+    }
+}
+
+/// An element type an [`AnyTensor`] holds tensors of.
+pub trait TensorElement: HasDType {
+    /// The tensor as an [`AnyTensor`].
+    fn into_any(t: Shaped<Self>) -> AnyTensor;
+    /// The tensor `t` holds, if of this element type; else `t`, given back.
+    fn from_any(t: AnyTensor) -> Result<Shaped<Self>, AnyTensor>;
+}
+
+/// Each element type and its variant of [`AnyTensor`].
+macro_rules! tensor_element {
+    ($($t:ty => $variant:ident),*) => {$(
+        impl TensorElement for $t {
+            fn into_any(t: Shaped<$t>) -> AnyTensor {
+                AnyTensor::$variant(t)
+            }
+            fn from_any(t: AnyTensor) -> Result<Shaped<$t>, AnyTensor> {
+                match t {
+                    AnyTensor::$variant(s) => Ok(s),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+tensor_element!(f16 => F16, bf16 => BF16, f32 => F32, f64 => F64, i32 => I32, i64 => I64);
+
+impl<T: TensorElement> From<Shaped<T>> for AnyTensor {
+    fn from(t: Shaped<T>) -> AnyTensor {
+        T::into_any(t)
     }
 }
 

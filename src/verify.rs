@@ -2,11 +2,12 @@
 //!
 //! A fraction of requests, chosen deterministically from a counter, is recomputed by the float64
 //! reference oracle on a thread of its own, after the caller has its answer, and compared with
-//! what was sent. The largest error seen is exported as a gauge, so an operator can watch the
-//! kernel's accuracy on real traffic. Sampling clones the request and the response, which for
-//! raw-bytes tensors shares the buffers instead of copying them; the widening to `f64` and the
-//! recomputation happen on the verifier's thread. When that thread is busy, samples are dropped
-//! rather than queued: verification never slows serving.
+//! the outputs that were computed for it (the ones its answer was encoded from). The largest
+//! error seen is exported as a gauge, so an operator can watch the kernel's accuracy on real
+//! traffic. A sample clones the request and shares the outputs' buffers instead of copying
+//! them ([`Evaluated::share`]); the widening to `f64` and the recomputation happen on the
+//! verifier's thread. When that thread is busy, samples are dropped rather than queued:
+//! verification never slows serving.
 //!
 //! The error of one element is `|got - want| / (|want| + abs / rel)` with the contract's
 //! tolerances for the dtype (semantics §8), so a value at most 1 means "within the contract".
@@ -15,12 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
-use crate::api::tensor::{self, AnyTensor};
-use crate::dtype::{DType, Element};
-use crate::eval::{Evaluation, Inputs, Labels, Tensors};
+use crate::dtype::Element;
+use crate::eval::{Evaluated, Evaluation, Inputs, Labels, Outputs, Tensors};
 use crate::kernel::reference::{self, RefLabels, RefProblem};
 use crate::metrics as m;
-use crate::proto;
+use crate::tensor::Buf;
 
 /// Requests larger than this many logits elements are not sampled.
 const MAX_SAMPLE_ELEMENTS: usize = 1 << 22;
@@ -46,7 +46,7 @@ impl VerifyStats {
 /// Samples requests and checks them on its own thread.
 #[derive(Debug)]
 pub struct Verifier {
-    tx: SyncSender<(Evaluation, proto::EvaluateResponse)>,
+    tx: SyncSender<Sample>,
     /// Sample when `hash(n) < threshold`.
     threshold: u64,
     seen: AtomicU64,
@@ -59,14 +59,14 @@ impl Verifier {
         if fraction <= 0.0 {
             return None;
         }
-        let (tx, rx) = sync_channel::<(Evaluation, proto::EvaluateResponse)>(2);
+        let (tx, rx) = sync_channel::<Sample>(2);
         let stats = Arc::new(VerifyStats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("xent-verify".into())
             .spawn(move || {
-                for (ev, resp) in rx {
-                    check(&ev, &resp, &s);
+                for Sample(ev, out) in rx {
+                    check(&ev, &out, &s);
                 }
             })
             .ok()?;
@@ -88,31 +88,32 @@ impl Verifier {
         &self.stats
     }
 
-    /// Offers an answered request for sampling; returns at once.
-    pub fn offer(&self, ev: &Evaluation, resp: &proto::EvaluateResponse) {
+    /// Decides whether a computed request is sampled; if it is, the sample to offer once its
+    /// caller has the answer (it shares `out`'s buffers, see [`Evaluated::share`]).
+    pub fn sample(&self, ev: &Evaluation, out: &mut Evaluated) -> Option<Sample> {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         // A multiplicative hash spreads the sampled requests evenly over the counter.
         if n.wrapping_mul(0x9E37_79B9_7F4A_7C15) > self.threshold
             || ev.elements() > MAX_SAMPLE_ELEMENTS
         {
-            return;
+            return None;
         }
-        match self.tx.try_send((ev.clone(), resp.clone())) {
+        Some(Sample(ev.clone(), out.share()))
+    }
+
+    /// Hands a sample to the verifier's thread; returns at once (a busy thread drops it).
+    pub fn offer(&self, sample: Sample) {
+        match self.tx.try_send(sample) {
             Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
         }
     }
 }
 
-/// The contract's `(rel, abs)` tolerance of a dtype (semantics §8).
-pub fn tolerance(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-9, 1e-12),
-        DType::F32 => (3e-5, 2e-6),
-        DType::F16 => (4e-3, 1e-4),
-        DType::BF16 => (2e-2, 1e-3),
-        DType::I32 | DType::I64 => (0.0, 0.0),
-    }
-}
+/// A request and the outputs computed for it, to be checked.
+#[derive(Debug)]
+pub struct Sample(Evaluation, Evaluated);
+
+pub use crate::dtype::tolerance;
 
 /// Largest error of `got` against `want`, in units of the tolerance `(rel, abs)`.
 pub fn max_error(got: &[f64], want: &[f64], (rel, abs): (f64, f64)) -> f64 {
@@ -152,30 +153,28 @@ fn problem<T: Element>(ev: &Evaluation, t: &Inputs<T>) -> RefProblem {
     }
 }
 
-fn floats(t: &Option<proto::Tensor>) -> Option<Vec<f64>> {
-    tensor::decode(t.clone())
-        .ok()
-        .as_ref()
-        .and_then(AnyTensor::floats_to_f64)
+/// The computed outputs widened to `f64`: loss, logits gradient, labels gradient.
+fn widened(out: &Evaluated) -> [Option<Vec<f64>>; 3] {
+    fn each<T: Element>(o: &Outputs<T>) -> [Option<Vec<f64>>; 3] {
+        let w = |b: &Option<Buf<T>>| b.as_ref().map(|b| widen(&b.slice()));
+        [w(&o.loss), w(&o.grad_logits), w(&o.grad_labels)]
+    }
+    crate::match_float!(out, Evaluated, o => each(o))
 }
 
-/// Recomputes one request in `f64` and records how far the answer was.
-fn check(ev: &Evaluation, resp: &proto::EvaluateResponse, stats: &VerifyStats) {
-    let p = match &ev.tensors {
-        Tensors::F16(t) => problem(ev, t),
-        Tensors::BF16(t) => problem(ev, t),
-        Tensors::F32(t) => problem(ev, t),
-        Tensors::F64(t) => problem(ev, t),
-    };
+/// Recomputes one request in `f64` and records how far the computed outputs were.
+fn check(ev: &Evaluation, out: &Evaluated, stats: &VerifyStats) {
+    let p = crate::match_float!(&ev.tensors, Tensors, t => problem(ev, t));
     let Ok(want) = reference::evaluate(&p) else {
         return;
     };
     let tol = tolerance(ev.tensors.dtype());
     let mut err: f64 = 0.0;
+    let [loss, grad_logits, grad_labels] = widened(out);
     let pairs = [
-        (floats(&resp.loss), Some(&want.loss)),
-        (floats(&resp.grad_logits), Some(&want.grad_logits)),
-        (floats(&resp.grad_labels), want.grad_labels.as_ref()),
+        (loss, Some(&want.loss)),
+        (grad_logits, Some(&want.grad_logits)),
+        (grad_labels, want.grad_labels.as_ref()),
     ];
     for (got, want) in pairs {
         if let (Some(g), Some(w)) = (got, want) {

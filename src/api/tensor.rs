@@ -4,12 +4,12 @@
 //! which data field is used) and reports it as a [`TensorError`]; the caller names the field.
 //! Raw bytes become a [`Buf`] that borrows the received frame where it can.
 
-use bytemuck::Pod;
 use half::{bf16, f16};
 
-use crate::dtype::DType;
+use crate::dtype::{DType, HasDType};
 use crate::proto;
-use crate::tensor::{Buf, vec_into_bytes};
+pub use crate::tensor::{AnyTensor, Shaped};
+use crate::tensor::{Buf, TensorElement};
 
 /// What is wrong with one tensor, without the name of the field it came in.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -63,81 +63,6 @@ pub enum TensorError {
         /// Needed count.
         want: usize,
     },
-}
-
-/// A decoded tensor of elements `T`.
-#[derive(Clone, Debug)]
-pub struct Shaped<T: Pod> {
-    /// Dimensions, outermost first.
-    pub shape: Vec<usize>,
-    /// Row-major elements.
-    pub data: Buf<T>,
-}
-
-impl<T: Pod> Shaped<T> {
-    /// The elements as an owned n-dimensional array.
-    pub fn to_array(&self) -> ndarray::ArrayD<T> {
-        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&self.shape), self.data.slice().into_owned())
-            .expect("shape and length are checked at decode")
-    }
-}
-
-/// A decoded tensor of any dtype.
-#[derive(Clone, Debug)]
-pub enum AnyTensor {
-    /// float16 elements.
-    F16(Shaped<f16>),
-    /// bfloat16 elements.
-    BF16(Shaped<bf16>),
-    /// float32 elements.
-    F32(Shaped<f32>),
-    /// float64 elements.
-    F64(Shaped<f64>),
-    /// int32 elements.
-    I32(Shaped<i32>),
-    /// int64 elements.
-    I64(Shaped<i64>),
-}
-
-impl AnyTensor {
-    /// The dtype.
-    pub fn dtype(&self) -> DType {
-        match self {
-            AnyTensor::F16(_) => DType::F16,
-            AnyTensor::BF16(_) => DType::BF16,
-            AnyTensor::F32(_) => DType::F32,
-            AnyTensor::F64(_) => DType::F64,
-            AnyTensor::I32(_) => DType::I32,
-            AnyTensor::I64(_) => DType::I64,
-        }
-    }
-
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            AnyTensor::F16(t) => &t.shape,
-            AnyTensor::BF16(t) => &t.shape,
-            AnyTensor::F32(t) => &t.shape,
-            AnyTensor::F64(t) => &t.shape,
-            AnyTensor::I32(t) => &t.shape,
-            AnyTensor::I64(t) => &t.shape,
-        }
-    }
-
-    /// Every element widened to `f64`, for small float tensors (weights, upstream).
-    /// `None` for integer tensors.
-    pub fn floats_to_f64(&self) -> Option<Vec<f64>> {
-        fn widen<T: Pod + Into<f64>>(t: &Shaped<T>) -> Vec<f64> {
-            t.data.slice().iter().map(|&v| v.into()).collect()
-        }
-        Some(match self {
-            AnyTensor::F16(t) => widen(t),
-            AnyTensor::BF16(t) => widen(t),
-            AnyTensor::F32(t) => widen(t),
-            AnyTensor::F64(t) => widen(t),
-            AnyTensor::I32(_) | AnyTensor::I64(_) => return None,
-        })
-    }
 }
 
 /// The API's dtype enum to ours.
@@ -231,107 +156,107 @@ pub fn decode(t: Option<proto::Tensor>) -> Result<AnyTensor, TensorError> {
         if raw.len() != count * dtype.size() {
             return Err(wrong_len("bytes", raw.len()));
         }
-        fn raw_buf<T: Pod>(raw: bytes::Bytes, shape: Vec<usize>) -> Shaped<T> {
-            let data = Buf::from_le_bytes(raw).expect("length checked against the shape");
-            Shaped { shape, data }
+        return Ok(crate::with_dtype!(dtype, T => {
+            let data = Buf::<T>::from_le_bytes(raw).expect("length checked against the shape");
+            AnyTensor::from(Shaped { shape, data })
+        }));
+    }
+    crate::with_dtype!(dtype, T => {
+        let got = T::typed_len(&t);
+        if got != count {
+            return Err(wrong_len("elements", got));
         }
-        return Ok(match dtype {
-            DType::F16 => AnyTensor::F16(raw_buf(raw, shape)),
-            DType::BF16 => AnyTensor::BF16(raw_buf(raw, shape)),
-            DType::F32 => AnyTensor::F32(raw_buf(raw, shape)),
-            DType::F64 => AnyTensor::F64(raw_buf(raw, shape)),
-            DType::I32 => AnyTensor::I32(raw_buf(raw, shape)),
-            DType::I64 => AnyTensor::I64(raw_buf(raw, shape)),
-        });
-    }
-    let got = match dtype {
-        DType::F16 | DType::BF16 | DType::F32 => t.float_data.len(),
-        DType::F64 => t.double_data.len(),
-        DType::I32 => t.int32_data.len(),
-        DType::I64 => t.int64_data.len(),
-    };
-    if got != count {
-        return Err(wrong_len("elements", got));
-    }
-    fn owned<T: Pod>(v: Vec<T>, shape: Vec<usize>) -> Shaped<T> {
-        Shaped {
-            shape,
-            data: Buf::from_vec(v),
-        }
-    }
-    Ok(match dtype {
-        DType::F16 => AnyTensor::F16(owned(
-            t.float_data.iter().map(|&v| f16::from_f32(v)).collect(),
-            shape,
-        )),
-        DType::BF16 => AnyTensor::BF16(owned(
-            t.float_data.iter().map(|&v| bf16::from_f32(v)).collect(),
-            shape,
-        )),
-        DType::F32 => AnyTensor::F32(owned(t.float_data, shape)),
-        DType::F64 => AnyTensor::F64(owned(t.double_data, shape)),
-        DType::I32 => AnyTensor::I32(owned(t.int32_data, shape)),
-        DType::I64 => AnyTensor::I64(owned(t.int64_data, shape)),
+        let data = Buf::from_vec(T::take_typed(&mut t));
+        Ok(AnyTensor::from(Shaped { shape, data }))
     })
 }
 
 /// The typed data field that goes with a dtype.
 pub fn typed_field(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 | DType::BF16 | DType::F32 => "float_data",
-        DType::F64 => "double_data",
-        DType::I32 => "int32_data",
-        DType::I64 => "int64_data",
+    crate::with_dtype!(dtype, T => T::TYPED_FIELD)
+}
+
+/// Bytes one element takes in its typed field (halves travel as float32 values).
+pub fn typed_size(dtype: DType) -> usize {
+    crate::with_dtype!(dtype, T => T::TYPED_SIZE)
+}
+
+/// Element types that can be put on the wire, and the typed field each travels in.
+pub trait WireElement: TensorElement {
+    /// The name of its typed field.
+    const TYPED_FIELD: &'static str;
+    /// Bytes an element takes in the typed field.
+    const TYPED_SIZE: usize;
+    /// Moves elements into the tensor's typed field.
+    fn put_typed(v: Vec<Self>, t: &mut proto::Tensor);
+    /// Elements in the tensor's typed field.
+    fn typed_len(t: &proto::Tensor) -> usize;
+    /// Takes the elements out of the tensor's typed field.
+    fn take_typed(t: &mut proto::Tensor) -> Vec<Self>;
+    /// Takes a decoded tensor of this element type, if it is one.
+    fn take(t: AnyTensor) -> Option<Shaped<Self>> {
+        Self::from_any(t).ok()
     }
 }
 
-/// Element types that can be put on the wire.
-pub trait WireElement: Pod + Send + Sync {
-    /// The dtype.
-    const DTYPE: DType;
-    /// Moves elements into the tensor's typed field.
-    fn put_typed(v: Vec<Self>, t: &mut proto::Tensor);
-    /// Takes a decoded tensor of this element type, if it is one.
-    fn take(t: AnyTensor) -> Option<Shaped<Self>>;
-}
-
+/// The element types whose typed field holds them as they are.
 macro_rules! wire_element {
-    ($t:ty, $dtype:expr, $variant:ident, |$v:ident, $tensor:ident| $put:expr) => {
+    ($($t:ty => $field:ident),*) => {$(
         impl WireElement for $t {
-            const DTYPE: DType = $dtype;
-            fn put_typed($v: Vec<Self>, $tensor: &mut proto::Tensor) {
-                $put
+            const TYPED_FIELD: &'static str = stringify!($field);
+            const TYPED_SIZE: usize = std::mem::size_of::<$t>();
+            fn put_typed(v: Vec<Self>, t: &mut proto::Tensor) {
+                t.$field = v;
             }
-            fn take(t: AnyTensor) -> Option<Shaped<Self>> {
-                match t {
-                    AnyTensor::$variant(s) => Some(s),
-                    _ => None,
-                }
+            fn typed_len(t: &proto::Tensor) -> usize {
+                t.$field.len()
+            }
+            fn take_typed(t: &mut proto::Tensor) -> Vec<Self> {
+                std::mem::take(&mut t.$field)
             }
         }
-    };
+    )*};
 }
 
-wire_element!(f16, DType::F16, F16, |v, t| t.float_data =
-    v.iter().map(|x| x.to_f32()).collect());
-wire_element!(bf16, DType::BF16, BF16, |v, t| t.float_data =
-    v.iter().map(|x| x.to_f32()).collect());
-wire_element!(f32, DType::F32, F32, |v, t| t.float_data = v);
-wire_element!(f64, DType::F64, F64, |v, t| t.double_data = v);
-wire_element!(i32, DType::I32, I32, |v, t| t.int32_data = v);
-wire_element!(i64, DType::I64, I64, |v, t| t.int64_data = v);
+/// The half types, which travel in `float_data` as their (exact) float32 values.
+macro_rules! half_wire_element {
+    ($($t:ident),*) => {$(
+        impl WireElement for $t {
+            const TYPED_FIELD: &'static str = "float_data";
+            const TYPED_SIZE: usize = 4;
+            fn put_typed(v: Vec<Self>, t: &mut proto::Tensor) {
+                t.float_data = v.iter().map(|x| x.to_f32()).collect();
+            }
+            fn typed_len(t: &proto::Tensor) -> usize {
+                t.float_data.len()
+            }
+            fn take_typed(t: &mut proto::Tensor) -> Vec<Self> {
+                t.float_data.iter().map(|&v| $t::from_f32(v)).collect()
+            }
+        }
+    )*};
+}
+
+wire_element!(f32 => float_data, f64 => double_data, i32 => int32_data, i64 => int64_data);
+half_wire_element!(f16, bf16);
 
 /// Encodes elements and a shape as a tensor, raw bytes (no copy) or typed.
 pub fn encode<T: WireElement>(shape: &[usize], data: Vec<T>, raw: bool) -> proto::Tensor {
+    encode_buf(shape, Buf::from_vec(data), raw)
+}
+
+/// Encodes a buffer and a shape as a tensor: raw bytes moved in (no copy), or the typed field
+/// (no copy of owned `f32`, `f64` and integer elements).
+pub fn encode_buf<T: WireElement>(shape: &[usize], data: Buf<T>, raw: bool) -> proto::Tensor {
     let mut t = proto::Tensor {
-        dtype: dtype_to_proto(T::DTYPE) as i32,
+        dtype: dtype_to_proto(<T as HasDType>::DTYPE) as i32,
         shape: shape.iter().map(|&d| d as i64).collect(),
         ..Default::default()
     };
     if raw {
-        t.raw_data = vec_into_bytes(data);
+        t.raw_data = data.into_le_bytes();
     } else {
-        T::put_typed(data, &mut t);
+        T::put_typed(data.into_vec(), &mut t);
     }
     t
 }

@@ -1,4 +1,4 @@
-//! The batching and admission rules as a plain state machine: no tokio, no channels, time
+//! The batching rules as a plain state machine: no tokio, no channels, time
 //! passed in, so every rule is unit-tested directly.
 //!
 //! Requests wait in one FIFO. When the compute pool has a free slot, the oldest waiting request
@@ -57,6 +57,11 @@ impl CloseReason {
         CloseReason::LargeBypass,
     ];
 
+    /// Its position in [`CloseReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A stable label.
     pub fn label(self) -> &'static str {
         match self {
@@ -69,7 +74,8 @@ impl CloseReason {
     }
 }
 
-/// The limits the queue enforces.
+/// The queue's and the batches' limits (the queue's own are enforced at admission, by
+/// [`super::Stats`], which owns the queue's occupancy).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     /// Whether requests are gathered at all (else every batch holds one request).
@@ -86,6 +92,23 @@ pub struct Limits {
     pub max_queue_requests: usize,
     /// Bytes that may wait at once.
     pub max_queue_bytes: usize,
+}
+
+#[cfg(test)]
+impl Limits {
+    /// The limits the batcher's unit tests run with: 100 rows or 1 MB a batch, large from
+    /// 400 kB, 8 requests or 2 MB waiting.
+    pub(crate) fn for_tests() -> Limits {
+        Limits {
+            batching: true,
+            max_delay: Duration::from_millis(2),
+            max_batch_rows: 100,
+            max_batch_bytes: 1_000_000,
+            large_request_bytes: 400_000,
+            max_queue_requests: 8,
+            max_queue_bytes: 2_000_000,
+        }
+    }
 }
 
 /// A waiting request.
@@ -143,12 +166,11 @@ pub enum Dropped<P> {
     Abandoned(Entry<P>),
 }
 
-/// The waiting requests and their totals.
+/// The waiting requests, in arrival order.
 #[derive(Debug)]
 pub struct Queue<P> {
     limits: Limits,
     waiting: VecDeque<Entry<P>>,
-    bytes: usize,
     /// No waiting request's deadline is earlier than this (it may be earlier than every one
     /// of them once requests leave; `purge` makes it exact again).
     earliest_deadline: Option<Instant>,
@@ -160,7 +182,6 @@ impl<P> Queue<P> {
         Queue {
             limits,
             waiting: VecDeque::new(),
-            bytes: 0,
             earliest_deadline: None,
         }
     }
@@ -175,34 +196,18 @@ impl<P> Queue<P> {
         self.waiting.is_empty()
     }
 
-    /// Bytes waiting.
+    /// Bytes waiting, summed over the waiting requests.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.waiting.iter().map(|e| e.bytes).sum()
     }
 
-    /// Whether a request of `bytes` would be admitted now.
-    pub fn room_for(&self, bytes: usize) -> Result<(), Full> {
-        if self.waiting.len() >= self.limits.max_queue_requests {
-            Err(Full::Requests)
-        } else if self.bytes.saturating_add(bytes) > self.limits.max_queue_bytes {
-            Err(Full::Bytes)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Admits a request, or gives it back with the limit it hit.
-    pub fn push(&mut self, entry: Entry<P>) -> Result<(), (Full, Entry<P>)> {
-        if let Err(full) = self.room_for(entry.bytes) {
-            return Err((full, entry));
-        }
-        self.bytes += entry.bytes;
+    /// Queues a request (admitted already: the queue's limits are checked on admission).
+    pub fn push(&mut self, entry: Entry<P>) {
         self.earliest_deadline = Some(
             self.earliest_deadline
                 .map_or(entry.deadline, |d| d.min(entry.deadline)),
         );
         self.waiting.push_back(entry);
-        Ok(())
     }
 
     /// Whether a waiting request's deadline may have passed by `now` (so [`Queue::purge`]
@@ -230,7 +235,6 @@ impl<P> Queue<P> {
             .split_off(kept)
             .into_iter()
             .map(|e| {
-                self.bytes -= e.bytes;
                 if e.deadline <= now {
                     Dropped::Expired(e)
                 } else {
@@ -257,7 +261,6 @@ impl<P> Queue<P> {
                 CloseReason::QueueEmpty
             };
             let e = self.waiting.pop_front().expect("oldest exists");
-            self.bytes -= e.bytes;
             return Next::Run(Batch {
                 entries: vec![e],
                 reason,
@@ -301,7 +304,6 @@ impl<P> Queue<P> {
                 // it runs now instead of waiting too.
                 if let Some(i) = self.waiting.iter().position(is_large) {
                     let e = self.waiting.remove(i).expect("index from this queue");
-                    self.bytes -= e.bytes;
                     return Next::Run(Batch {
                         entries: vec![e],
                         reason: CloseReason::LargeBypass,
@@ -316,7 +318,6 @@ impl<P> Queue<P> {
                 .waiting
                 .remove(i - removed)
                 .expect("index from this queue");
-            self.bytes -= e.bytes;
             entries.push(e);
         }
         Next::Run(Batch { entries, reason })
@@ -334,15 +335,7 @@ mod tests {
     };
 
     fn limits() -> Limits {
-        Limits {
-            batching: true,
-            max_delay: Duration::from_millis(2),
-            max_batch_rows: 100,
-            max_batch_bytes: 1_000_000,
-            large_request_bytes: 400_000,
-            max_queue_requests: 8,
-            max_queue_bytes: 2_000_000,
-        }
+        Limits::for_tests()
     }
 
     fn entry(key: BatchKey, rows: usize, bytes: usize, at: Instant, id: u32) -> Entry<u32> {
@@ -367,9 +360,9 @@ mod tests {
     fn waits_for_company_then_leaves_when_the_delay_expires() {
         let t = Instant::now();
         let mut q = Queue::new(limits());
-        q.push(entry(K, 10, 100, t, 1)).unwrap();
+        q.push(entry(K, 10, 100, t, 1));
         assert!(matches!(q.next(t), Next::WaitUntil(d) if d == t + Duration::from_millis(2)));
-        q.push(entry(K, 10, 100, t, 2)).unwrap();
+        q.push(entry(K, 10, 100, t, 2));
         assert_eq!(
             ids(q.next(t + Duration::from_millis(2))),
             (vec![1, 2], CloseReason::DelayExpired)
@@ -385,8 +378,8 @@ mod tests {
             max_delay: Duration::ZERO,
             ..limits()
         });
-        q.push(entry(K, 10, 100, t, 1)).unwrap();
-        q.push(entry(K, 10, 100, t, 2)).unwrap();
+        q.push(entry(K, 10, 100, t, 1));
+        q.push(entry(K, 10, 100, t, 2));
         assert_eq!(ids(q.next(t)), (vec![1, 2], CloseReason::QueueEmpty));
     }
 
@@ -395,10 +388,10 @@ mod tests {
         let t = Instant::now();
         let other = BatchKey { classes: 10, ..K };
         let mut q = Queue::new(limits());
-        q.push(entry(K, 60, 100, t, 1)).unwrap();
-        q.push(entry(other, 5, 100, t, 2)).unwrap();
-        q.push(entry(K, 60, 100, t, 3)).unwrap();
-        q.push(entry(K, 40, 100, t, 4)).unwrap();
+        q.push(entry(K, 60, 100, t, 1));
+        q.push(entry(other, 5, 100, t, 2));
+        q.push(entry(K, 60, 100, t, 3));
+        q.push(entry(K, 40, 100, t, 4));
         // 60 + 60 > 100: the batch closes full after the first; the rest waits its turn.
         assert_eq!(ids(q.next(t)), (vec![1], CloseReason::FullRows));
         assert!(
@@ -411,10 +404,10 @@ mod tests {
         );
         assert_eq!(ids(q.next(t)), (vec![3, 4], CloseReason::FullRows));
         let mut q = Queue::new(limits());
-        q.push(entry(K, 1, 300_000, t, 1)).unwrap();
-        q.push(entry(K, 1, 300_000, t, 2)).unwrap();
-        q.push(entry(K, 1, 300_000, t, 3)).unwrap();
-        q.push(entry(K, 1, 300_000, t, 4)).unwrap();
+        q.push(entry(K, 1, 300_000, t, 1));
+        q.push(entry(K, 1, 300_000, t, 2));
+        q.push(entry(K, 1, 300_000, t, 3));
+        q.push(entry(K, 1, 300_000, t, 4));
         assert_eq!(ids(q.next(t)), (vec![1, 2, 3], CloseReason::FullBytes));
     }
 
@@ -422,12 +415,12 @@ mod tests {
     fn large_requests_go_alone_at_once() {
         let t = Instant::now();
         let mut q = Queue::new(limits());
-        q.push(entry(K, 1, 500_000, t, 1)).unwrap();
-        q.push(entry(K, 1, 10, t, 2)).unwrap();
+        q.push(entry(K, 1, 500_000, t, 1));
+        q.push(entry(K, 1, 10, t, 2));
         assert_eq!(ids(q.next(t)), (vec![1], CloseReason::LargeBypass));
         let mut q = Queue::new(limits());
-        q.push(entry(K, 1, 10, t, 1)).unwrap();
-        q.push(entry(K, 1, 500_000, t, 2)).unwrap();
+        q.push(entry(K, 1, 10, t, 1));
+        q.push(entry(K, 1, 500_000, t, 2));
         assert_eq!(
             ids(q.next(t)),
             (vec![2], CloseReason::LargeBypass),
@@ -437,8 +430,8 @@ mod tests {
             batching: false,
             ..limits()
         });
-        q.push(entry(K, 1, 10, t, 1)).unwrap();
-        q.push(entry(K, 1, 10, t, 2)).unwrap();
+        q.push(entry(K, 1, 10, t, 1));
+        q.push(entry(K, 1, 10, t, 2));
         assert_eq!(
             ids(q.next(t)).0,
             vec![1],
@@ -447,30 +440,21 @@ mod tests {
     }
 
     #[test]
-    fn admission_is_bounded_by_requests_and_bytes() {
-        let t = Instant::now();
-        let mut q = Queue::new(limits());
-        for i in 0..8 {
-            q.push(entry(K, 1, 10, t, i)).unwrap();
+    fn reasons_are_listed_at_their_index() {
+        for (i, r) in CloseReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.index(), i);
         }
-        assert_eq!(q.push(entry(K, 1, 10, t, 9)).unwrap_err().0, Full::Requests);
-        let mut q = Queue::new(limits());
-        q.push(entry(K, 1, 1_500_000, t, 1)).unwrap();
-        assert_eq!(
-            q.push(entry(K, 1, 600_000, t, 2)).unwrap_err().0,
-            Full::Bytes
-        );
     }
 
     #[test]
     fn expired_and_abandoned_requests_are_dropped_uncomputed() {
         let t = Instant::now();
         let mut q = Queue::new(limits());
-        q.push(entry(K, 1, 10, t, 1)).unwrap();
+        q.push(entry(K, 1, 10, t, 1));
         let mut soon = entry(K, 1, 10, t, 2);
         soon.deadline = t + Duration::from_millis(1);
-        q.push(soon).unwrap();
-        q.push(entry(K, 1, 10, t, 3)).unwrap();
+        q.push(soon);
+        q.push(entry(K, 1, 10, t, 3));
         let dropped = q.purge(t + Duration::from_millis(1), |&id| id == 3);
         assert!(matches!(
             dropped[0],

@@ -14,16 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use half::{bf16, f16};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyError, ReadNpyExt};
 use tonic_health::pb::health_check_response::ServingStatus;
-use xent::bench::{BenchArgs, BenchConfig, DTypeArg};
+use xent::cli::{OptionFlags, float_dtype, named};
 use xent::client::{Client, ClientConfig, EvalRequest, EvalResult, FloatElement};
 use xent::dtype::{DType, Element};
-use xent::eval::{LossKind, Options, Reduction, Wanted};
+use xent::eval::{LossKind, Options, Output, Wanted};
+use xent::loadgen::{BenchArgs, BenchConfig};
 
 /// A failure to report on one line; the process exits non-zero.
 type Failure = String;
@@ -81,16 +80,12 @@ struct EvalArgs {
 
     /// Which loss. Default: sparse_softmax_cross_entropy when the labels file holds integers,
     /// else softmax_cross_entropy.
-    #[arg(long, value_enum)]
-    loss: Option<LossArg>,
+    #[arg(long, value_parser = named::<LossKind>())]
+    loss: Option<LossKind>,
 
     /// The class axis; negative counts from the end. Default -1.
     #[arg(long, allow_negative_numbers = true)]
     axis: Option<i64>,
-
-    /// Label smoothing in [0, 1]. Default 0.
-    #[arg(long, value_name = "E")]
-    label_smoothing: Option<f64>,
 
     /// Per-class weights: a .npy of shape [C].
     #[arg(long, value_name = "NPY")]
@@ -100,25 +95,13 @@ struct EvalArgs {
     #[arg(long, value_name = "NPY")]
     sample_weights: Option<PathBuf>,
 
-    /// Class ids equal to this get loss 0, gradient 0 and weight 0 (class ids only).
-    #[arg(long, value_name = "K", allow_negative_numbers = true)]
-    ignore_index: Option<i64>,
-
     /// Whether --logits holds logits (true) or probabilities (false). Default true.
     #[arg(long, value_name = "BOOL", action = ArgAction::Set)]
     from_logits: Option<bool>,
 
-    /// z-loss coefficient >= 0: adds L * logsumexp(logits)^2 to each example's loss. Default 0.
-    #[arg(long, value_name = "L")]
-    z_loss: Option<f64>,
-
-    /// Reduction of the per-example losses. Default none.
-    #[arg(
-        long,
-        value_parser = PossibleValuesParser::new(Reduction::ALL.map(Reduction::name))
-            .try_map(|s| s.parse::<Reduction>())
-    )]
-    reduction: Option<Reduction>,
+    /// The scalar options.
+    #[command(flatten)]
+    options: OptionFlags,
 
     /// Upstream gradient multiplied into the gradients: a .npy shaped as the returned
     /// loss (shape [] for a reduced loss).
@@ -126,13 +109,13 @@ struct EvalArgs {
     upstream: Option<PathBuf>,
 
     /// Outputs to compute, comma-separated. Default: loss,grad_logits.
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
-    outputs: Vec<OutputArg>,
+    #[arg(long, value_parser = named::<Output>(), value_delimiter = ',', value_name = "LIST")]
+    outputs: Vec<Output>,
 
     /// Element type on the wire and of the outputs. Default: the logits file's dtype.
     /// float16 and bfloat16 outputs are written as float32 .npy files.
-    #[arg(long, value_enum)]
-    dtype: Option<DTypeArg>,
+    #[arg(long, value_parser = float_dtype())]
+    dtype: Option<DType>,
 
     /// Directory to write loss.npy, grad_logits.npy and grad_labels.npy to (those computed);
     /// created if missing. Without it only the summary is printed.
@@ -145,29 +128,6 @@ struct HealthArgs {
     /// Service to ask about; empty for the server as a whole.
     #[arg(long, default_value = "", value_name = "NAME")]
     service: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum LossArg {
-    /// Dense labels shaped like the logits.
-    #[value(name = "softmax_cross_entropy")]
-    Dense,
-    /// Class ids.
-    #[value(name = "sparse_softmax_cross_entropy")]
-    Sparse,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum OutputArg {
-    /// The (reduced or per-example) loss.
-    #[value(name = "loss")]
-    Loss,
-    /// Gradient w.r.t. the logits.
-    #[value(name = "grad_logits")]
-    GradLogits,
-    /// Gradient w.r.t. dense labels.
-    #[value(name = "grad_labels")]
-    GradLabels,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -222,7 +182,7 @@ async fn bench(
     args: BenchArgs,
 ) -> Result<ExitCode, Failure> {
     let (json, plot) = (args.json, args.plot.clone());
-    let report = xent::bench::run(BenchConfig {
+    let report = xent::loadgen::run(BenchConfig {
         addresses,
         timeout,
         args,
@@ -346,8 +306,7 @@ async fn eval(address: &str, config: ClientConfig, args: EvalArgs) -> Result<Exi
     }
     let labels = read_npy("labels", &args.labels)?;
     let kind = match args.loss {
-        Some(LossArg::Dense) => LossKind::Dense,
-        Some(LossArg::Sparse) => LossKind::Sparse,
+        Some(kind) => kind,
         None if labels.dtype().is_float() => LossKind::Dense,
         None => LossKind::Sparse,
     };
@@ -359,27 +318,16 @@ async fn eval(address: &str, config: ClientConfig, args: EvalArgs) -> Result<Exi
         ));
     }
     let dtype = args.dtype.unwrap_or(match logits.dtype() {
-        DType::F64 => DTypeArg::F64,
-        _ => DTypeArg::F32,
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     });
     let defaults = Options::default();
-    let options = Options {
+    let options = args.options.apply(Options {
         axis: args.axis.unwrap_or(defaults.axis),
-        label_smoothing: args.label_smoothing.unwrap_or(defaults.label_smoothing),
-        ignore_index: args.ignore_index,
         from_logits: args.from_logits.unwrap_or(defaults.from_logits),
-        z_loss: args.z_loss.unwrap_or(defaults.z_loss),
-        reduction: args.reduction.unwrap_or(defaults.reduction),
-    };
-    let wanted = if args.outputs.is_empty() {
-        Wanted::default()
-    } else {
-        Wanted {
-            loss: args.outputs.contains(&OutputArg::Loss),
-            grad_logits: args.outputs.contains(&OutputArg::GradLogits),
-            grad_labels: args.outputs.contains(&OutputArg::GradLabels),
-        }
-    };
+        ..defaults
+    });
+    let wanted = Wanted::of(&args.outputs);
     let inputs = Inputs {
         kind,
         class_weights: read_floats("class-weights", args.class_weights.as_deref())?,
@@ -394,12 +342,9 @@ async fn eval(address: &str, config: ClientConfig, args: EvalArgs) -> Result<Exi
     let mut client = Client::connect_with(address, config)
         .await
         .map_err(|e| e.to_string())?;
-    match dtype {
-        DTypeArg::F16 => run::<f16>(&mut client, inputs).await,
-        DTypeArg::BF16 => run::<bf16>(&mut client, inputs).await,
-        DTypeArg::F32 => run::<f32>(&mut client, inputs).await,
-        DTypeArg::F64 => run::<f64>(&mut client, inputs).await,
-    }
+    xent::with_float!(dtype, T => run::<T>(&mut client, inputs).await, int => {
+        Err(format!("--dtype {dtype} is not a float dtype"))
+    })
 }
 
 /// Evaluates with `T` on the wire, writes the outputs and prints the summary.

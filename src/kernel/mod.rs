@@ -25,6 +25,7 @@
 //! A row's result therefore depends only on that row, its weights and the reduction's
 //! denominator: never on the thread count or on what else was computed with it.
 
+pub mod dtype;
 mod input;
 mod layout;
 mod options;
@@ -36,7 +37,7 @@ pub mod simd;
 use ndarray::{ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3, ShapeBuilder};
 use rayon::prelude::*;
 
-use crate::dtype::Element;
+use dtype::Element;
 #[cfg(test)]
 pub use input::copies;
 pub use input::{Elems, Input, LeBytes};
@@ -159,7 +160,7 @@ impl std::ops::Add for Health {
 }
 
 impl Health {
-    fn label_row(&mut self, dtype: crate::dtype::DType, sum: f64, nonfinite: u32) {
+    fn label_row(&mut self, dtype: dtype::DType, sum: f64, nonfinite: u32) {
         self.nonfinite_inputs += u64::from(nonfinite);
         // NaN compares false: a NaN sum counts as unnormalised.
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -171,8 +172,8 @@ impl Health {
 /// How far from 1 a dense label row's sum may be before it counts as unnormalised: 1e-3,
 /// and 1e-2 for float16 and bfloat16, whose rounding of each label alone moves a sum by up to
 /// 2^-11 and 2^-8 of it.
-pub fn label_sum_tolerance(dtype: crate::dtype::DType) -> f64 {
-    use crate::dtype::DType;
+pub fn label_sum_tolerance(dtype: dtype::DType) -> f64 {
+    use dtype::DType;
     match dtype {
         DType::F16 | DType::BF16 => 1e-2,
         _ => 1e-3,
@@ -380,7 +381,7 @@ fn fast_inputs<'a, T: Element>(
         || !opts.from_logits
         || p.class_weights.is_some()
         || labels_grad
-        || T::DTYPE == crate::dtype::DType::F64
+        || T::DTYPE == dtype::DType::F64
     {
         return None;
     }
@@ -412,7 +413,7 @@ impl<T: Element> FastInputs<'_, T> {
         scale: f64,
         health: &mut Health,
     ) -> f64 {
-        use crate::dtype::DType;
+        use dtype::DType;
         let c = self.classes;
         let (keep, add) = (self.keep, self.add);
         let y = self.y.map(|y| y.range(r * c..(r + 1) * c));

@@ -11,9 +11,9 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::TestCaseError;
 
+use super::dtype::{DType, Element};
 use super::reference::{self, RefLabels, RefOutput, RefProblem};
 use super::*;
-use crate::dtype::{DType, Element};
 
 /// `cases` per property (enough to cover the option space over a few runs, few enough that
 /// `cargo test` stays quick in debug builds), unless `PROPTEST_CASES` asks for a longer run.

@@ -21,7 +21,7 @@
 use ndarray::{ArrayView1, ArrayViewMut1};
 use num_traits::Float;
 
-use crate::dtype::{Calc, Element};
+use super::dtype::{Calc, Element};
 
 /// Effective labels of one row.
 pub(super) trait LabelRow {

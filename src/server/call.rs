@@ -1,7 +1,7 @@
 //! One call of any protocol, from its decoded request to its answer: its `rpc` span, its
 //! counts and timings in the metrics, its log line. xent.v1's `Evaluate` and
 //! `EvaluateStream` and the Open Inference Protocol's `ModelInfer` differ only in how they
-//! decode a request and build an answer; everything an operator sees of a call is done here,
+//! decode a request and encode an answer; everything an operator sees of a call is done here,
 //! once, the same way for each.
 
 use std::time::Instant;
@@ -11,9 +11,8 @@ use tracing::{Instrument, field};
 use super::message_size::{AnswerRoom, answer_bytes_at_least};
 use crate::batcher::Batcher;
 use crate::error::Error;
-use crate::eval::Evaluation;
+use crate::eval::{Evaluated, Evaluation};
 use crate::metrics as m;
-use crate::proto;
 
 /// The span of one call; its trace continues the caller's when `metadata` carries one.
 pub(super) fn rpc_span(
@@ -57,13 +56,18 @@ pub(super) struct Call {
 
 impl Call {
     /// Runs the call: `decode` validates the request (into the evaluation and whatever
-    /// `respond` needs from it), the batcher computes it, `respond` builds the protocol's
-    /// answer. Counted, timed and logged once, inside the `rpc` span.
-    pub(super) async fn run<C, R: prost::Message>(
+    /// `encode` needs from it), the batcher computes it, and `encode` turns the computed
+    /// outputs into the protocol's answer, on the compute pool. Counted, timed and logged
+    /// once, inside the `rpc` span.
+    pub(super) async fn run<C, R>(
         self,
         decode: impl FnOnce() -> Result<(Evaluation, C), Error>,
-        respond: impl FnOnce(C, proto::EvaluateResponse) -> Result<R, Error>,
-    ) -> Result<R, Error> {
+        encode: impl FnOnce(C, &Evaluation, Evaluated) -> Result<R, Error> + Send + 'static,
+    ) -> Result<R, Error>
+    where
+        C: Send + 'static,
+        R: prost::Message + Send + 'static,
+    {
         let Call {
             batcher,
             method,
@@ -91,8 +95,11 @@ impl Call {
             metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
             // Refused before computing when its data alone cannot be sent.
             room.check(answer_bytes_at_least(&ev), false)?;
-            let resp = batcher.submit(ev, arrived, deadline).await?;
-            let answer = respond(context, resp)?;
+            let answer = batcher
+                .submit(ev, arrived, deadline, move |ev, out| {
+                    encode(context, ev, out)
+                })
+                .await?;
             room.check(answer.encoded_len(), true)?;
             Ok(answer)
         }

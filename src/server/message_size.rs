@@ -4,9 +4,10 @@
 //! tonic's codec refuses a message over its limit with OUT_OF_RANGE and a message about its
 //! own buffers, which reads like a bug and gives a client nothing to act on; a request over a
 //! hard limit should be refused as such, and never retried. So:
-//! - Inbound, [`MessageSizeLayer`] wraps the body of each evaluating call (`xent.v1.Xent`,
-//!   the Open Inference Protocol's `ModelInfer`) and reads the
-//!   5-byte gRPC prefix of every message as its frames arrive. A prefix announcing more than the
+//! - Inbound, [`MessageSizeLayer`] wraps the body of every call of an RPC in `proto/`
+//!   (`xent.v1.Xent`, the Open Inference Protocol; the list is written from the protos by the
+//!   build, so a new RPC is covered without anyone listing it) and reads the 5-byte gRPC prefix
+//!   of every message as its frames arrive. A prefix announcing more than the
 //!   limit ends the body with a [`tonic::Status`] error before the message is buffered; tonic
 //!   hands a `Status` found in a body error to the caller unchanged (`Status::from_error`
 //!   downcasts), as the call's status (unary) or the request stream's error (streaming).
@@ -26,7 +27,6 @@ use http_body::{Frame, SizeHint};
 use tonic::Status;
 use tonic::body::Body;
 
-use crate::dtype::DType;
 use crate::error::Error;
 use crate::eval::{Evaluation, Reduction};
 use crate::metrics::{self as m, ShedReason};
@@ -37,8 +37,7 @@ const FLAG: &str = "--max-message-bytes (XENT_MAX_MESSAGE_BYTES)";
 /// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
 const PREFIX: usize = 5;
 
-/// The tower layer refusing request messages of the evaluating RPCs (`xent.v1.Xent` and
-/// `ModelInfer`) over `limit` bytes.
+/// The tower layer refusing request messages of the RPCs in `proto/` over `limit` bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct MessageSizeLayer {
     limit: usize,
@@ -81,12 +80,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // A closed set of labels: an unknown method is answered UNIMPLEMENTED by tonic anyway.
-        let method = match req.uri().path() {
-            "/xent.v1.Xent/Evaluate" => "Evaluate",
-            "/xent.v1.Xent/EvaluateStream" => "EvaluateStream",
-            "/inference.GRPCInferenceService/ModelInfer" => "ModelInfer",
-            _ => return self.inner.call(req),
+        // The method label comes from a closed set (the protos' RPCs); a path outside it is
+        // another service's (health, reflection, which keep tonic's own limit) or answered
+        // UNIMPLEMENTED by tonic.
+        let Some(method) = method_of(req.uri().path()) else {
+            return self.inner.call(req);
         };
         let limit = self.limit;
         self.inner.call(req.map(|body| {
@@ -101,6 +99,14 @@ where
             })
         }))
     }
+}
+
+/// The name of the RPC at `path`, if it is one of `proto/`'s.
+fn method_of(path: &str) -> Option<&'static str> {
+    crate::proto::METHODS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|&(_, name)| name)
 }
 
 /// Where the scan of a body's messages stands.
@@ -224,11 +230,10 @@ impl http_body::Body for Limited {
 /// framing.
 pub fn answer_bytes_at_least(ev: &Evaluation) -> usize {
     let dtype = ev.tensors.dtype();
-    let per_element = match (ev.raw_response, dtype) {
-        (true, d) => d.size(),
-        // Typed answers use `double_data` for float64 and `float_data` for every other float.
-        (false, DType::F64) => 8,
-        (false, _) => 4,
+    let per_element = if ev.raw_response {
+        dtype.size()
+    } else {
+        crate::api::tensor::typed_size(dtype)
     };
     let losses = match ev.options.reduction {
         Reduction::None => ev.layout.rows(),
@@ -298,6 +303,67 @@ mod tests {
             None,
             "the limit itself is allowed"
         );
+    }
+
+    /// The few fields of `google.protobuf.FileDescriptorSet` that name the RPCs.
+    mod descriptor {
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct FileDescriptorSet {
+            #[prost(message, repeated, tag = "1")]
+            pub file: Vec<File>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct File {
+            #[prost(string, tag = "2")]
+            pub package: String,
+            #[prost(message, repeated, tag = "6")]
+            pub service: Vec<Service>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Service {
+            #[prost(string, tag = "1")]
+            pub name: String,
+            #[prost(message, repeated, tag = "2")]
+            pub method: Vec<Method>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Method {
+            #[prost(string, tag = "1")]
+            pub name: String,
+        }
+    }
+
+    #[test]
+    fn every_rpc_of_the_protos_is_limited_under_its_name() {
+        assert_eq!(method_of("/xent.v1.Xent/Evaluate"), Some("Evaluate"));
+        assert_eq!(
+            method_of("/xent.v1.Xent/EvaluateStream"),
+            Some("EvaluateStream")
+        );
+        assert_eq!(
+            method_of("/inference.GRPCInferenceService/ModelInfer"),
+            Some("ModelInfer")
+        );
+        assert_eq!(
+            method_of("/inference.GRPCInferenceService/ServerLive"),
+            Some("ServerLive")
+        );
+        assert_eq!(method_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(method_of("/xent.v1.Xent/Nope"), None);
+        // Every RPC of the descriptor set served for reflection is in the list.
+        use prost::Message as _;
+        let fds = descriptor::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut rpcs = 0;
+        for f in &fds.file {
+            for s in &f.service {
+                for m in &s.method {
+                    let path = format!("/{}.{}/{}", f.package, s.name, m.name);
+                    assert_eq!(method_of(&path), Some(m.name.as_str()), "{path}");
+                    rpcs += 1;
+                }
+            }
+        }
+        assert_eq!(rpcs, crate::proto::METHODS.len());
     }
 
     #[test]

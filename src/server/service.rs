@@ -63,8 +63,11 @@ impl XentService {
             deadline,
             room,
         };
-        call.run(|| api::decode(req).map(|ev| (ev, ())), |(), resp| Ok(resp))
-            .await
+        call.run(
+            || api::decode(req).map(|ev| (ev, ())),
+            |(), ev, out| api::response(ev, out),
+        )
+        .await
     }
 }
 
@@ -143,13 +146,9 @@ impl Xent for XentService {
                     .await
                     {
                         Ok(resp) => proto::evaluate_stream_response::Result::Response(resp),
-                        Err(e) => {
-                            proto::evaluate_stream_response::Result::Error(proto::StreamError {
-                                code: e.code() as i32,
-                                field: e.field().unwrap_or_default().to_string(),
-                                message: e.to_string(),
-                            })
-                        }
+                        Err(e) => proto::evaluate_stream_response::Result::Error(
+                            api::convert::stream_error(e),
+                        ),
                     };
                     Ok(proto::EvaluateStreamResponse {
                         request_id: id,

@@ -150,7 +150,7 @@ async fn xentd_counts_exactly_the_calls_the_load_generator_reports() {
     // generator knows.
     let closed = bench(
         &endpoint,
-        "--concurrency 3 --duration 0.5 --rows 8 --classes 32 --loss dense",
+        "--concurrency 3 --duration 0.5 --rows 8 --classes 32 --loss softmax_cross_entropy",
     )
     .await;
     add_report(&mut expected, &closed);

@@ -265,7 +265,7 @@ async fn cli_user_errors_are_one_line() {
     std::fs::write(&bad, b"not numpy").unwrap();
     let bad = bad.to_str().unwrap();
     let float_ids = save(dir.path(), "f.npy", &array![1.0f64, 2.0]);
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 7] = [
         (
             vec!["--logits", "/nonexistent/x.npy", "--labels", &x],
             "/nonexistent/x.npy",
@@ -290,6 +290,15 @@ async fn cli_user_errors_are_one_line() {
             vec!["--logits", &x, "--labels", &x, "--label-smoothing", "2"],
             "INVALID_ARGUMENT",
         ),
+        // The API's names only: no short names, no prefixes.
+        (
+            vec!["--logits", &x, "--labels", &x, "--loss", "dense"],
+            "softmax_cross_entropy",
+        ),
+        (
+            vec!["--logits", &x, "--labels", &x, "--outputs", "grad"],
+            "grad_logits",
+        ),
     ];
     for (extra, needle) in cases {
         let mut a = args(&["eval", "--address", &server.endpoint()]);
@@ -299,6 +308,18 @@ async fn cli_user_errors_are_one_line() {
         assert!(!out.status.success(), "{extra:?} should fail");
         assert!(stderr.contains(needle), "{extra:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
+    // `bench` takes the same names, and nothing else.
+    for (flag, value, needle) in [
+        ("--loss", "sparse", "sparse_softmax_cross_entropy"),
+        ("--outputs", "loss,grad", "grad_labels"),
+        ("--reduction", "avg", "sum_by_nonzero_weights"),
+    ] {
+        let a = args(&["bench", "--address", &server.endpoint(), flag, value]);
+        let out = xent(a, None).await;
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "bench {flag} {value} should fail");
+        assert!(stderr.contains(needle), "bench {flag} {value}: {stderr}");
     }
     // Nothing listens on port 1.
     let out = xent(

@@ -252,6 +252,79 @@ async fn overload_is_refused_at_once_and_survived() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_stream_refusals_carry_the_details_of_unary_ones() {
+    let mut s = settings(true, 1, 1, 0);
+    s.batcher.limits.max_queue_requests = 2;
+    s.stream_concurrency = 8;
+    let server = TestServer::with_settings(s).await;
+    let client = server.client().await;
+    let gate = server.block_compute();
+    let req = mixed_requests().swap_remove(7);
+    let first = {
+        let (mut c, r) = (client.clone(), req.clone());
+        tokio::spawn(async move { c.evaluate(r).await })
+    };
+    eventually("the first call holds the slot", || {
+        server.stats().inflight_batches.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Seven valid requests and an invalid one, all submitted at once: two wait, five are shed.
+    let mut reqs = vec![req.clone(); 7];
+    let mut bad = req.clone();
+    bad.label_smoothing = 2.0;
+    reqs.push(bad);
+    let stream = {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            let mut answers = c
+                .evaluate_stream(futures::stream::iter(reqs))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut all = Vec::new();
+            while let Some(a) = answers.message().await.unwrap() {
+                all.push(a);
+            }
+            all
+        })
+    };
+    eventually("five refusals while blocked", || {
+        server.stats().shed_queue_requests.load(Ordering::SeqCst) == 5
+    })
+    .await;
+    drop(gate);
+    assert!(first.await.unwrap().is_ok());
+    let answers = stream.await.unwrap();
+    assert_eq!(answers.len(), 8);
+    let (mut ok, mut shed) = (0, 0);
+    for answer in answers {
+        use xent::proto::evaluate_stream_response::Result as R;
+        match answer.result.expect("a result") {
+            R::Response(_) => ok += 1,
+            R::Error(e) if e.code == Code::Unavailable as i32 => {
+                let status = xent::client::stream_error_status(&e);
+                assert!(
+                    status
+                        .message()
+                        .contains("queue is full (2 requests waiting)")
+                );
+                let retry = status.get_details_retry_info().expect("RetryInfo detail");
+                assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
+                shed += 1;
+            }
+            R::Error(e) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32, "{e:?}");
+                assert_eq!(e.field, "label_smoothing");
+                let status = xent::client::stream_error_status(&e);
+                let bad = status.get_details_bad_request().expect("BadRequest detail");
+                assert_eq!(bad.field_violations[0].field, "label_smoothing");
+            }
+        }
+    }
+    assert_eq!((ok, shed), (2, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_abandoned_calls_are_never_computed() {
     let server = TestServer::with_settings(settings(true, 1, 1, 0)).await;
     let client = server.client().await;
@@ -265,14 +338,20 @@ async fn expired_and_abandoned_calls_are_never_computed() {
         server.stats().inflight_batches.load(Ordering::SeqCst) == 1
     })
     .await;
-    // One call whose deadline passes while it waits, one whose caller goes away.
+    // One call whose deadline passes while it waits, one whose caller goes away. The deadline
+    // leaves the call time to reach the queue however loaded the machine is (a call still on
+    // its way when its deadline passes is refused at admission, not expired in the queue).
     let mut timed = Request::new(req.clone());
-    timed.set_timeout(Duration::from_millis(30));
-    let err = client
-        .clone()
-        .evaluate(timed)
-        .await
-        .expect_err("expires while queued");
+    timed.set_timeout(Duration::from_millis(500));
+    let timed = {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.evaluate(timed).await })
+    };
+    eventually("the timed call is queued", || {
+        server.stats().queued_requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let err = timed.await.unwrap().expect_err("expires while queued");
     // xentd answers DEADLINE_EXCEEDED 2 ms before the deadline; tonic's client enforces the
     // same grpc-timeout itself and ends the call CANCELLED ("Timeout expired") when that answer
     // is late, which a loaded machine (client and server share this runtime) sometimes makes

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -714,6 +714,12 @@ def test_evaluate_stream_keeps_order_and_survives_an_invalid_request(stub):
             assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] == 3
             assert answer.error.field == "labels"
             assert "labels" in answer.error.message
+            # The google.rpc.Status a unary refusal carries, with its BadRequest.
+            status = status_pb2.Status.FromString(answer.error.details)
+            assert (status.code, status.message) == (3, answer.error.message)
+            bad_request = error_details_pb2.BadRequest()
+            assert status.details[0].Unpack(bad_request), status.details
+            assert bad_request.field_violations[0].field == "labels"
         else:
             assert answer.WhichOneof("result") == "response"
             check_response(

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use super::{OutputName, datatype, parse_datatype};
+use super::{datatype, parameter, parse_datatype};
+use crate::api::convert;
 use crate::api::tensor::{self, AnyTensor};
-use crate::eval::LossKind;
+use crate::eval::{Input, OptionName};
 use crate::proto;
-use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use crate::proto::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
@@ -18,56 +18,28 @@ use crate::proto::inference::{
 /// tensor must carry `raw_data` (or no data) and goes to `raw_input_contents`; without it,
 /// every tensor must carry its typed field and goes to `contents`. `outputs` and the options
 /// become requested outputs and parameters of the same names.
-pub fn infer_request(req: proto::EvaluateRequest, raw: bool) -> Result<ModelInferRequest, String> {
-    let model = match proto::LossKind::try_from(req.loss) {
-        Ok(proto::LossKind::SoftmaxCrossEntropy) => LossKind::Dense,
-        Ok(proto::LossKind::SparseSoftmaxCrossEntropy) => LossKind::Sparse,
-        _ => return Err(format!("loss {} names no model", req.loss)),
-    };
+pub fn infer_request(
+    mut req: proto::EvaluateRequest,
+    raw: bool,
+) -> Result<ModelInferRequest, String> {
+    let model =
+        convert::loss_kind(req.loss).map_err(|_| format!("loss {} names no model", req.loss))?;
     let mut out = ModelInferRequest {
         model_name: model.name().into(),
-        id: req.request_id,
+        id: std::mem::take(&mut req.request_id),
         ..Default::default()
     };
-    let mut param = |name: &str, p: ParameterChoice| {
-        out.parameters.insert(
-            name.into(),
-            InferParameter {
-                parameter_choice: Some(p),
-            },
-        );
-    };
-    if let Some(a) = req.axis {
-        param("axis", ParameterChoice::Int64Param(a));
+    for name in OptionName::ALL {
+        if let Some(v) = convert::option(&req, name).map_err(|e| e.to_string())? {
+            out.parameters.insert(
+                name.name().into(),
+                InferParameter {
+                    parameter_choice: Some(parameter(v)),
+                },
+            );
+        }
     }
-    if req.label_smoothing != 0.0 {
-        param(
-            "label_smoothing",
-            ParameterChoice::DoubleParam(req.label_smoothing),
-        );
-    }
-    if let Some(k) = req.ignore_index {
-        param("ignore_index", ParameterChoice::Int64Param(k));
-    }
-    if let Some(f) = req.from_logits {
-        param("from_logits", ParameterChoice::BoolParam(f));
-    }
-    if req.z_loss != 0.0 {
-        param("z_loss", ParameterChoice::DoubleParam(req.z_loss));
-    }
-    if let Some(r) = proto::Reduction::try_from(req.reduction)
-        .ok()
-        .and_then(reduction_name)
-    {
-        param("reduction", ParameterChoice::StringParam(r.into()));
-    }
-    let tensors = [
-        ("logits", req.logits),
-        ("labels", req.labels),
-        ("class_weights", req.class_weights),
-        ("sample_weights", req.sample_weights),
-        ("upstream", req.upstream),
-    ];
+    let tensors = Input::ALL.map(|i| (i.name(), convert::input_mut(&mut req, i).take()));
     for (name, t) in tensors {
         let Some(t) = t else { continue };
         let dtype = tensor::dtype_from_proto(t.dtype).ok_or(format!("{name} has no dtype"))?;
@@ -101,12 +73,7 @@ pub fn infer_request(req: proto::EvaluateRequest, raw: bool) -> Result<ModelInfe
         out.inputs.push(input);
     }
     for o in req.outputs {
-        let name = match proto::Output::try_from(o) {
-            Ok(proto::Output::Loss) => OutputName::Loss,
-            Ok(proto::Output::GradLogits) => OutputName::GradLogits,
-            Ok(proto::Output::GradLabels) => OutputName::GradLabels,
-            _ => return Err(format!("output {o} has no name")),
-        };
+        let name = convert::output(o).map_err(|_| format!("output {o} has no name"))?;
         out.outputs.push(InferRequestedOutputTensor {
             name: name.name().into(),
             parameters: HashMap::new(),
@@ -147,16 +114,4 @@ pub fn outputs(resp: ModelInferResponse) -> Result<Vec<(String, AnyTensor)>, Str
         decoded.push((o.name, a));
     }
     Ok(decoded)
-}
-
-/// The lower-case protocol name of an xent.v1 reduction (`None` for unspecified).
-fn reduction_name(r: proto::Reduction) -> Option<&'static str> {
-    Some(match r {
-        proto::Reduction::Unspecified => return None,
-        proto::Reduction::None => "none",
-        proto::Reduction::Sum => "sum",
-        proto::Reduction::Mean => "mean",
-        proto::Reduction::SumOverBatchSize => "sum_over_batch_size",
-        proto::Reduction::SumByNonzeroWeights => "sum_by_nonzero_weights",
-    })
 }

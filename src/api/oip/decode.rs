@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use super::{INPUTS, OutputName, PARAMETERS, Reply, model, parse_datatype};
-use crate::api::tensor;
+use super::{Reply, model, option_value, parameter_type, parse_datatype};
+use crate::api::{convert, tensor};
 use crate::dtype::DType;
 use crate::error::Error;
-use crate::eval::{Evaluation, LossKind};
+use crate::eval::{Evaluation, Input, LossKind, Named, OptionName, Output};
 use crate::proto;
 use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
@@ -58,10 +58,7 @@ fn to_evaluate_request(
     }
     let mut out = proto::EvaluateRequest {
         request_id: id.clone(),
-        loss: match model {
-            LossKind::Dense => proto::LossKind::SoftmaxCrossEntropy,
-            LossKind::Sparse => proto::LossKind::SparseSoftmaxCrossEntropy,
-        } as i32,
+        loss: proto::LossKind::from(model) as i32,
         ..Default::default()
     };
     options(&parameters, &mut out)?;
@@ -71,28 +68,22 @@ fn to_evaluate_request(
     for input in inputs {
         let data = raws.next();
         let name = input.name.clone();
-        let slot = match name.as_str() {
-            "logits" => &mut out.logits,
-            "labels" => &mut out.labels,
-            "class_weights" => &mut out.class_weights,
-            "sample_weights" => &mut out.sample_weights,
-            "upstream" => &mut out.upstream,
-            _ => {
-                return Err(Error::invalid(
-                    name.clone(),
-                    format!(
-                        "is not an input of model {}; its inputs are {}",
-                        model.name(),
-                        INPUTS.join(", ")
-                    ),
-                ));
-            }
+        let Some(which) = Input::from_name(&name) else {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "is not an input of model {}; its inputs are {}",
+                    model.name(),
+                    names(Input::ALL)
+                ),
+            ));
         };
+        let slot = convert::input_mut(&mut out, which);
         if slot.is_some() {
             return Err(Error::invalid(name, "is given more than once"));
         }
         let t = input_tensor(input, data)?;
-        if name == "logits" {
+        if which == Input::Logits {
             logits_dtype = tensor::dtype_from_proto(t.dtype);
         }
         *slot = Some(t);
@@ -100,14 +91,13 @@ fn to_evaluate_request(
 
     // Halves have no typed contents in the protocol, so their outputs always travel raw.
     let raw_response = raw || matches!(logits_dtype, Some(DType::F16 | DType::BF16));
-    out.response_encoding = if raw_response {
-        proto::Encoding::Raw
-    } else {
-        proto::Encoding::Typed
-    } as i32;
+    out.response_encoding = convert::encoding(raw_response) as i32;
 
     let wanted = requested_outputs(model, outputs)?;
-    out.outputs = wanted.iter().map(|o| o.to_proto() as i32).collect();
+    out.outputs = wanted
+        .iter()
+        .map(|&o| proto::Output::from(o) as i32)
+        .collect();
     Ok((
         out,
         Reply {
@@ -119,78 +109,45 @@ fn to_evaluate_request(
     ))
 }
 
-/// Request parameters into the options of `out`.
+/// Names joined by commas.
+fn names<T: Named>(all: impl IntoIterator<Item = T>) -> String {
+    all.into_iter().map(T::name).collect::<Vec<_>>().join(", ")
+}
+
+/// Request parameters into the options of `out`, each read as the kind of its option.
 fn options(
     parameters: &HashMap<String, InferParameter>,
     out: &mut proto::EvaluateRequest,
 ) -> Result<(), Error> {
     // Sorted, so the error for several bad parameters does not depend on hashing.
-    let mut names: Vec<&String> = parameters.keys().collect();
-    names.sort();
-    for name in names {
-        let value = parameters[name].parameter_choice.as_ref();
-        let wrong = |expected: &str| {
-            Error::invalid(
-                name.clone(),
-                format!("is {}; expected {expected}", describe(value)),
-            )
+    let mut keys: Vec<&String> = parameters.keys().collect();
+    keys.sort();
+    for key in keys {
+        let Some(name) = OptionName::from_name(key) else {
+            return Err(Error::invalid(
+                key.clone(),
+                format!(
+                    "is not a parameter xentd knows; the parameters are {}",
+                    names(OptionName::ALL)
+                ),
+            ));
         };
-        match name.as_str() {
-            "axis" => out.axis = Some(int(value).ok_or_else(|| wrong("an int64_param"))?),
-            "ignore_index" => {
-                out.ignore_index = Some(int(value).ok_or_else(|| wrong("an int64_param"))?);
-            }
-            "label_smoothing" => {
-                out.label_smoothing = float(value).ok_or_else(|| wrong("a double_param"))?;
-            }
-            "z_loss" => out.z_loss = float(value).ok_or_else(|| wrong("a double_param"))?,
-            "from_logits" => match value {
-                Some(ParameterChoice::BoolParam(b)) => out.from_logits = Some(*b),
-                _ => return Err(wrong("a bool_param")),
-            },
-            "reduction" => {
-                let Some(ParameterChoice::StringParam(s)) = value else {
-                    return Err(wrong("a string_param"));
-                };
-                out.reduction = reduction(s).ok_or_else(|| {
-                    Error::invalid(
-                        name.clone(),
-                        format!(
-                            "is {s:?}; expected none, sum, mean, sum_over_batch_size or sum_by_nonzero_weights"
-                        ),
-                    )
-                })? as i32;
-            }
-            _ => {
-                return Err(Error::invalid(
-                    name.clone(),
-                    format!(
-                        "is not a parameter xentd knows; the parameters are {}",
-                        PARAMETERS.join(", ")
-                    ),
-                ));
-            }
-        }
+        let p = parameters[key].parameter_choice.as_ref();
+        let value = option_value(name.kind(), p).map_err(|bad| {
+            let reason = match bad {
+                Some(s) => format!("is {s:?}; expected {}", crate::eval::Reduction::names_or()),
+                None => format!(
+                    "is {}; expected {}",
+                    describe(p),
+                    parameter_type(name.kind())
+                ),
+            };
+            Error::invalid(key.clone(), reason)
+        })?;
+        convert::set_option(out, name, value)
+            .map_err(|_| Error::Internal(format!("{name} read as another kind")))?;
     }
     Ok(())
-}
-
-fn int(v: Option<&ParameterChoice>) -> Option<i64> {
-    match v? {
-        ParameterChoice::Int64Param(i) => Some(*i),
-        ParameterChoice::Uint64Param(u) => i64::try_from(*u).ok(),
-        _ => None,
-    }
-}
-
-/// A double, or an integer (clients send `0` as an int64).
-fn float(v: Option<&ParameterChoice>) -> Option<f64> {
-    match v? {
-        ParameterChoice::DoubleParam(d) => Some(*d),
-        ParameterChoice::Int64Param(i) => Some(*i as f64),
-        ParameterChoice::Uint64Param(u) => Some(*u as f64),
-        _ => None,
-    }
 }
 
 fn describe(v: Option<&ParameterChoice>) -> String {
@@ -202,17 +159,6 @@ fn describe(v: Option<&ParameterChoice>) -> String {
         Some(ParameterChoice::DoubleParam(d)) => format!("double_param {d}"),
         Some(ParameterChoice::Uint64Param(u)) => format!("uint64_param {u}"),
     }
-}
-
-fn reduction(s: &str) -> Option<proto::Reduction> {
-    Some(match s {
-        "none" => proto::Reduction::None,
-        "sum" => proto::Reduction::Sum,
-        "mean" => proto::Reduction::Mean,
-        "sum_over_batch_size" => proto::Reduction::SumOverBatchSize,
-        "sum_by_nonzero_weights" => proto::Reduction::SumByNonzeroWeights,
-        _ => return None,
-    })
 }
 
 /// One input as an xent.v1 tensor; `raw` is its entry of `raw_input_contents`, if the request
@@ -321,21 +267,20 @@ fn typed_fields(c: &InferTensorContents) -> Vec<&'static str> {
 fn requested_outputs(
     model: LossKind,
     outputs: Vec<InferRequestedOutputTensor>,
-) -> Result<Vec<OutputName>, Error> {
+) -> Result<Vec<Output>, Error> {
     if outputs.is_empty() {
-        return Ok(OutputName::DEFAULT.to_vec());
+        return Ok(Output::DEFAULT.to_vec());
     }
     let mut wanted = Vec::with_capacity(outputs.len());
     for o in outputs {
-        let Some(&name) = OutputName::of(model).iter().find(|n| n.name() == o.name) else {
-            let names: Vec<&str> = OutputName::of(model).iter().map(|n| n.name()).collect();
+        let Some(&name) = model.outputs().iter().find(|n| n.name() == o.name) else {
             return Err(Error::invalid(
                 "outputs",
                 format!(
                     "asks for {:?}, which is not an output of model {}; its outputs are {}",
                     o.name,
                     model.name(),
-                    names.join(", ")
+                    names(model.outputs().iter().copied())
                 ),
             ));
         };

@@ -1,86 +1,120 @@
-//! xent.v1's answer to a `ModelInferResponse`: outputs in the order requested, buffers moved
+//! Computed outputs to a `ModelInferResponse`: outputs in the order requested, buffers moved
 //! (not copied) into `raw_output_contents` or typed contents, the numerical health as response
-//! parameters.
+//! parameters. Runs on the compute pool, as the batcher's encoder.
 
 use std::collections::HashMap;
 
-use super::{MODEL_VERSION, OutputName, Reply, datatype};
-use crate::api::tensor;
+use half::{bf16, f16};
+
+use super::{MODEL_VERSION, Reply, datatype};
+use crate::dtype::Element;
 use crate::error::Error;
-use crate::proto;
+use crate::eval::names::{HEALTH_NAMES, health_counts};
+use crate::eval::{Evaluated, Evaluation, Outputs};
+use crate::kernel::Health;
 use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::proto::inference::model_infer_response::InferOutputTensor;
 use crate::proto::inference::{InferParameter, InferTensorContents, ModelInferResponse};
+use crate::tensor::Buf;
 
-/// The `ModelInferResponse` carrying `resp`, the xent.v1 answer to the request `reply` came
-/// from. Raw buffers are moved into `raw_output_contents`, not copied. The numerical health
-/// counts become response parameters of the same names ([`HEALTH_PARAMETERS`]).
-pub fn response(reply: Reply, resp: proto::EvaluateResponse) -> Result<ModelInferResponse, Error> {
-    let proto::EvaluateResponse {
-        mut loss,
-        mut grad_logits,
-        mut grad_labels,
-        health,
-        ..
-    } = resp;
-    let mut out = ModelInferResponse {
+/// Response parameters carrying the numerical health, named as xent.v1's `NumericalHealth`
+/// fields.
+pub const HEALTH_PARAMETERS: [&str; 3] = HEALTH_NAMES;
+
+/// The `ModelInferResponse` to the request `reply` came from, carrying `out`, the outputs
+/// computed for `ev`. Raw buffers are moved into `raw_output_contents`, not copied. The
+/// numerical health counts become response parameters ([`HEALTH_PARAMETERS`]).
+pub fn response(
+    reply: Reply,
+    ev: &Evaluation,
+    out: Evaluated,
+) -> Result<ModelInferResponse, Error> {
+    crate::match_float!(out, Evaluated, o => typed(reply, ev, o))
+}
+
+fn typed<T: Contents>(
+    reply: Reply,
+    ev: &Evaluation,
+    mut out: Outputs<T>,
+) -> Result<ModelInferResponse, Error> {
+    let mut resp = ModelInferResponse {
         model_name: reply.model.name().into(),
         model_version: MODEL_VERSION.into(),
         id: reply.id,
-        parameters: health.map(health_parameters).unwrap_or_default(),
+        parameters: health_parameters(out.health),
         ..Default::default()
     };
     for name in reply.outputs {
-        let t = match name {
-            OutputName::Loss => loss.take(),
-            OutputName::GradLogits => grad_logits.take(),
-            OutputName::GradLabels => grad_labels.take(),
-        }
-        .ok_or_else(|| Error::Internal(format!("output {} was not computed", name.name())))?;
-        let dtype = tensor::dtype_from_proto(t.dtype)
-            .ok_or_else(|| Error::Internal(format!("output {} has no dtype", name.name())))?;
+        let buf = out
+            .take(name)
+            .ok_or_else(|| Error::Internal(format!("output {name} was not computed")))?;
         let mut tensor = InferOutputTensor {
             name: name.name().into(),
-            datatype: datatype(dtype).into(),
-            shape: t.shape,
+            datatype: datatype(T::DTYPE).into(),
+            shape: ev.output_shape(name).iter().map(|&d| d as i64).collect(),
             ..Default::default()
         };
         if reply.raw {
-            out.raw_output_contents.push(t.raw_data);
+            resp.raw_output_contents.push(buf.into_le_bytes());
         } else {
-            tensor.contents = Some(InferTensorContents {
-                fp32_contents: t.float_data,
-                fp64_contents: t.double_data,
-                ..Default::default()
-            });
+            tensor.contents = Some(T::contents(buf));
         }
-        out.outputs.push(tensor);
+        resp.outputs.push(tensor);
     }
-    Ok(out)
+    Ok(resp)
 }
 
-/// Response parameters carrying xent.v1's `NumericalHealth`, named as its fields.
-pub const HEALTH_PARAMETERS: [&str; 3] = [
-    "nonfinite_inputs",
-    "unnormalized_label_rows",
-    "nonfinite_loss_rows",
-];
+/// Float elements as the protocol's typed contents.
+trait Contents: Element {
+    /// The elements in the contents field of their type (moved where they can be).
+    fn contents(buf: Buf<Self>) -> InferTensorContents;
+}
+
+impl Contents for f32 {
+    fn contents(buf: Buf<f32>) -> InferTensorContents {
+        InferTensorContents {
+            fp32_contents: buf.into_vec(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Contents for f64 {
+    fn contents(buf: Buf<f64>) -> InferTensorContents {
+        InferTensorContents {
+            fp64_contents: buf.into_vec(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Halves have no typed contents in the protocol (their outputs travel raw, see `decode`);
+/// were they asked for typed, they would go as their exact float32 values.
+macro_rules! half_contents {
+    ($($t:ty),*) => {$(
+        impl Contents for $t {
+            fn contents(buf: Buf<$t>) -> InferTensorContents {
+                InferTensorContents {
+                    fp32_contents: buf.slice().iter().map(|v| v.to_f32()).collect(),
+                    ..Default::default()
+                }
+            }
+        }
+    )*};
+}
+
+half_contents!(f16, bf16);
 
 /// The health counts as int64 parameters (tritonclient reads no uint64 custom parameters).
-fn health_parameters(h: proto::NumericalHealth) -> HashMap<String, InferParameter> {
-    [
-        h.nonfinite_inputs,
-        h.unnormalized_label_rows,
-        h.nonfinite_loss_rows,
-    ]
-    .into_iter()
-    .zip(HEALTH_PARAMETERS)
-    .map(|(count, name)| {
-        let count = i64::try_from(count).unwrap_or(i64::MAX);
-        let value = InferParameter {
-            parameter_choice: Some(ParameterChoice::Int64Param(count)),
-        };
-        (name.to_string(), value)
-    })
-    .collect()
+fn health_parameters(h: Health) -> HashMap<String, InferParameter> {
+    health_counts(&h)
+        .into_iter()
+        .map(|(name, count)| {
+            let count = i64::try_from(count).unwrap_or(i64::MAX);
+            let value = InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(count)),
+            };
+            (name.to_string(), value)
+        })
+        .collect()
 }

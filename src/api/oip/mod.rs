@@ -1,4 +1,5 @@
-//! The KServe v2 Open Inference Protocol (OIP) to and from xent.v1's messages.
+//! The KServe v2 Open Inference Protocol (OIP): its requests to the domain, the domain's
+//! outputs to its responses.
 //!
 //! xentd serves the protocol's `ModelInfer` beside `xent.v1.Xent/Evaluate` so that clients
 //! written for inference servers (tritonclient, KServe's) can call it unmodified. Rather than
@@ -7,19 +8,18 @@
 //! parameters to options) and hands it to [`crate::api::decode()`], so both protocols refuse
 //! exactly the same requests for the same reasons and produce the same [`Evaluation`]; only
 //! the protocol's own rules (model names, datatype strings, raw versus typed contents,
-//! parameter types) are checked in this module. [`response()`] moves the answer's buffers
-//! into a `ModelInferResponse` without copying them.
+//! parameter types) are checked in this module. [`response()`] encodes the computed outputs
+//! straight into a `ModelInferResponse`, moving their buffers, not copying them.
 //!
-//! Names are the xent.v1 names everywhere: inputs `logits`, `labels`, `class_weights`,
-//! `sample_weights`, `upstream`; outputs `loss`, `grad_logits`, `grad_labels`; parameters
-//! `axis`, `label_smoothing`, `ignore_index`, `from_logits`, `z_loss`, `reduction`. An error
+//! Names are the shared vocabulary's ([`crate::eval::names`]) everywhere: inputs, outputs and
+//! request parameters (the options, each of the parameter type its kind says). An error
 //! names the input, parameter or request field at fault as the protocol calls it.
 //!
 //! - [`decode`](mod@decode): a `ModelInferRequest` to an [`Evaluation`] (server side).
-//! - [`encode`]: an `EvaluateResponse` to a `ModelInferResponse` (server side).
+//! - [`encode`]: computed outputs to a `ModelInferResponse` (server side).
 //! - [`client`]: an `EvaluateRequest` to the equivalent `ModelInferRequest`, and a
 //!   `ModelInferResponse` back to tensors (used by `xent bench --protocol oip` and the tests).
-//! - here: the models, their names, datatypes and metadata, shared by all three.
+//! - here: the models, their names, datatypes, parameters and metadata, shared by all three.
 
 pub mod client;
 pub mod decode;
@@ -35,9 +35,9 @@ use crate::dtype::DType;
 use crate::error::Error;
 #[cfg(doc)]
 use crate::eval::Evaluation;
-use crate::eval::LossKind;
-use crate::proto;
+use crate::eval::{LossKind, Named, OptionKind, OptionValue, Output};
 use crate::proto::inference::ModelMetadataResponse;
+use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::proto::inference::model_metadata_response::TensorMetadata;
 
 /// The one version of each model.
@@ -49,68 +49,48 @@ pub const PLATFORM: &str = "xent";
 /// The models served, in the order they are listed.
 pub const MODELS: [LossKind; 2] = [LossKind::Dense, LossKind::Sparse];
 
-/// Input names, in the order `ModelMetadata` lists them.
-const INPUTS: [&str; 5] = [
-    "logits",
-    "labels",
-    "class_weights",
-    "sample_weights",
-    "upstream",
-];
-
-/// Request parameters, each an option of the xent.v1 `EvaluateRequest` of the same name.
-const PARAMETERS: [&str; 6] = [
-    "axis",
-    "label_smoothing",
-    "ignore_index",
-    "from_logits",
-    "z_loss",
-    "reduction",
-];
-
-/// An output of the models.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputName {
-    /// `loss`.
-    Loss,
-    /// `grad_logits`.
-    GradLogits,
-    /// `grad_labels` (dense labels only).
-    GradLabels,
+/// The parameter type that carries an option of `kind`, as the protocol names it.
+const fn parameter_type(kind: OptionKind) -> &'static str {
+    match kind {
+        OptionKind::Int => "an int64_param",
+        OptionKind::Float => "a double_param",
+        OptionKind::Bool => "a bool_param",
+        OptionKind::Reduction => "a string_param",
+    }
 }
 
-impl OutputName {
-    /// The protocol name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            OutputName::Loss => "loss",
-            OutputName::GradLogits => "grad_logits",
-            OutputName::GradLabels => "grad_labels",
-        }
+/// An option's value as a request parameter.
+pub fn parameter(v: OptionValue) -> ParameterChoice {
+    match v {
+        OptionValue::Int(i) => ParameterChoice::Int64Param(i),
+        OptionValue::Float(f) => ParameterChoice::DoubleParam(f),
+        OptionValue::Bool(b) => ParameterChoice::BoolParam(b),
+        OptionValue::Reduction(r) => ParameterChoice::StringParam(r.name().into()),
     }
+}
 
-    fn to_proto(self) -> proto::Output {
-        match self {
-            OutputName::Loss => proto::Output::Loss,
-            OutputName::GradLogits => proto::Output::GradLogits,
-            OutputName::GradLabels => proto::Output::GradLabels,
+/// A request parameter as the value of an option of `kind`: integers are also taken for
+/// floats (clients send `0` as an int64), unsigned integers for signed ones. `Err(None)`:
+/// the parameter has the wrong type; `Err(Some(s))`: `s` names no reduction.
+fn option_value(
+    kind: OptionKind,
+    p: Option<&ParameterChoice>,
+) -> Result<OptionValue, Option<String>> {
+    let p = p.ok_or(None)?;
+    Ok(match (kind, p) {
+        (OptionKind::Int, ParameterChoice::Int64Param(i)) => OptionValue::Int(*i),
+        (OptionKind::Int, ParameterChoice::Uint64Param(u)) => {
+            OptionValue::Int(i64::try_from(*u).map_err(|_| None)?)
         }
-    }
-
-    /// The outputs a model has.
-    pub fn of(model: LossKind) -> &'static [OutputName] {
-        match model {
-            LossKind::Dense => &[
-                OutputName::Loss,
-                OutputName::GradLogits,
-                OutputName::GradLabels,
-            ],
-            LossKind::Sparse => &[OutputName::Loss, OutputName::GradLogits],
+        (OptionKind::Float, ParameterChoice::DoubleParam(d)) => OptionValue::Float(*d),
+        (OptionKind::Float, ParameterChoice::Int64Param(i)) => OptionValue::Float(*i as f64),
+        (OptionKind::Float, ParameterChoice::Uint64Param(u)) => OptionValue::Float(*u as f64),
+        (OptionKind::Bool, ParameterChoice::BoolParam(b)) => OptionValue::Bool(*b),
+        (OptionKind::Reduction, ParameterChoice::StringParam(s)) => {
+            OptionValue::Reduction(Named::from_name(s).ok_or_else(|| Some(s.clone()))?)
         }
-    }
-
-    /// The outputs returned when none are requested (as in xent.v1).
-    pub const DEFAULT: [OutputName; 2] = [OutputName::Loss, OutputName::GradLogits];
+        _ => return Err(None),
+    })
 }
 
 /// The protocol's datatype name for a dtype.
@@ -174,12 +154,12 @@ pub fn metadata(model: LossKind) -> ModelMetadataResponse {
         LossKind::Dense => t("labels", FLOATS, &[-1, -1]),
         LossKind::Sparse => t("labels", "INT64", &[-1]),
     };
-    let outputs = OutputName::of(model)
+    let outputs = model
+        .outputs()
         .iter()
-        .map(|o| match o {
-            OutputName::Loss => t("loss", FLOATS, &[-1]),
-            OutputName::GradLogits => t("grad_logits", FLOATS, &[-1, -1]),
-            OutputName::GradLabels => t("grad_labels", FLOATS, &[-1, -1]),
+        .map(|&o| match o {
+            Output::Loss => t(o.name(), FLOATS, &[-1]),
+            Output::GradLogits | Output::GradLabels => t(o.name(), FLOATS, &[-1, -1]),
         })
         .collect();
     ModelMetadataResponse {
@@ -205,7 +185,7 @@ pub struct Reply {
     /// The request's `id`, echoed.
     pub id: String,
     /// Outputs to return, in the order requested.
-    pub outputs: Vec<OutputName>,
+    pub outputs: Vec<Output>,
     /// Whether outputs travel in `raw_output_contents` (else typed contents).
     pub raw: bool,
 }

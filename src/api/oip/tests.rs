@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::api::tensor::encode;
+use crate::proto;
 use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::proto::inference::model_infer_request::InferRequestedOutputTensor;
 use crate::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest};
@@ -36,7 +37,7 @@ fn a_translated_request_decodes_like_the_original() {
         assert_eq!(got.options, want.options);
         assert_eq!(got.wanted, want.wanted);
         assert_eq!(got.raw_response, raw);
-        assert_eq!(reply.outputs, OutputName::DEFAULT);
+        assert_eq!(reply.outputs, Output::DEFAULT);
     }
 }
 
@@ -179,7 +180,7 @@ fn responses_carry_the_requested_outputs_in_order() {
     req.outputs = vec![proto::Output::GradLabels as i32, proto::Output::Loss as i32];
     let (ev, reply) = decode(infer_request(req, true).unwrap()).unwrap();
     let out = crate::compute::evaluate(&ev).unwrap();
-    let resp = response(reply, crate::api::response(&ev, out)).unwrap();
+    let resp = response(reply, &ev, out).unwrap();
     let names: Vec<&str> = resp.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, ["grad_labels", "loss"]);
     assert_eq!(resp.outputs[1].shape, Vec::<i64>::new());

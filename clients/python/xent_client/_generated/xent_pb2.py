@@ -15,23 +15,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12xent/v1/xent.proto\x12\x07xent.v1\"\x99\x01\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.xent.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\x12\x12\n\nfloat_data\x18\x04 \x03(\x02\x12\x13\n\x0b\x64ouble_data\x18\x05 \x03(\x01\x12\x12\n\nint32_data\x18\x06 \x03(\x05\x12\x12\n\nint64_data\x18\x07 \x03(\x03\"\x8e\x04\n\x0f\x45valuateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x04loss\x18\x02 \x01(\x0e\x32\x11.xent.v1.LossKind\x12\x1f\n\x06logits\x18\x03 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\x1f\n\x06labels\x18\x04 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\x11\n\x04\x61xis\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x06 \x01(\x01\x12&\n\rclass_weights\x18\x07 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\'\n\x0esample_weights\x18\x08 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\x19\n\x0cignore_index\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0b\x66rom_logits\x18\n \x01(\x08H\x02\x88\x01\x01\x12\x0e\n\x06z_loss\x18\x0b \x01(\x01\x12%\n\treduction\x18\x0c \x01(\x0e\x32\x12.xent.v1.Reduction\x12!\n\x08upstream\x18\r \x01(\x0b\x32\x0f.xent.v1.Tensor\x12 \n\x07outputs\x18\x0e \x03(\x0e\x32\x0f.xent.v1.Output\x12,\n\x11response_encoding\x18\x0f \x01(\x0e\x32\x11.xent.v1.EncodingB\x07\n\x05_axisB\x0f\n\r_ignore_indexB\x0e\n\x0c_from_logits\"\xbb\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x04loss\x18\x02 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12$\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12$\n\x0bgrad_labels\x18\x04 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12(\n\x06health\x18\x05 \x01(\x0b\x32\x18.xent.v1.NumericalHealth\"i\n\x0fNumericalHealth\x12\x18\n\x10nonfinite_inputs\x18\x01 \x01(\x04\x12\x1f\n\x17unnormalized_label_rows\x18\x02 \x01(\x04\x12\x1b\n\x13nonfinite_loss_rows\x18\x03 \x01(\x04\";\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x8c\x01\n\x16\x45valuateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.xent.v1.EvaluateResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.xent.v1.StreamErrorH\x00\x42\x08\n\x06result*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06*v\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fLOSS_KIND_SOFTMAX_CROSS_ENTROPY\x10\x01\x12*\n&LOSS_KIND_SPARSE_SOFTMAX_CROSS_ENTROPY\x10\x02*\xaa\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02\x12\x12\n\x0eREDUCTION_MEAN\x10\x03\x12!\n\x1dREDUCTION_SUM_OVER_BATCH_SIZE\x10\x04\x12$\n REDUCTION_SUM_BY_NONZERO_WEIGHTS\x10\x05*a\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bOUTPUT_LOSS\x10\x01\x12\x16\n\x12OUTPUT_GRAD_LOGITS\x10\x02\x12\x16\n\x12OUTPUT_GRAD_LABELS\x10\x03*J\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x12\n\x0e\x45NCODING_TYPED\x10\x02\x32\x98\x01\n\x04Xent\x12?\n\x08\x45valuate\x12\x18.xent.v1.EvaluateRequest\x1a\x19.xent.v1.EvaluateResponse\x12O\n\x0e\x45valuateStream\x12\x18.xent.v1.EvaluateRequest\x1a\x1f.xent.v1.EvaluateStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12xent/v1/xent.proto\x12\x07xent.v1\"\x99\x01\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.xent.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\x12\x12\n\nfloat_data\x18\x04 \x03(\x02\x12\x13\n\x0b\x64ouble_data\x18\x05 \x03(\x01\x12\x12\n\nint32_data\x18\x06 \x03(\x05\x12\x12\n\nint64_data\x18\x07 \x03(\x03\"\x8e\x04\n\x0f\x45valuateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x04loss\x18\x02 \x01(\x0e\x32\x11.xent.v1.LossKind\x12\x1f\n\x06logits\x18\x03 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\x1f\n\x06labels\x18\x04 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\x11\n\x04\x61xis\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x06 \x01(\x01\x12&\n\rclass_weights\x18\x07 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\'\n\x0esample_weights\x18\x08 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12\x19\n\x0cignore_index\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0b\x66rom_logits\x18\n \x01(\x08H\x02\x88\x01\x01\x12\x0e\n\x06z_loss\x18\x0b \x01(\x01\x12%\n\treduction\x18\x0c \x01(\x0e\x32\x12.xent.v1.Reduction\x12!\n\x08upstream\x18\r \x01(\x0b\x32\x0f.xent.v1.Tensor\x12 \n\x07outputs\x18\x0e \x03(\x0e\x32\x0f.xent.v1.Output\x12,\n\x11response_encoding\x18\x0f \x01(\x0e\x32\x11.xent.v1.EncodingB\x07\n\x05_axisB\x0f\n\r_ignore_indexB\x0e\n\x0c_from_logits\"\xbb\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x04loss\x18\x02 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12$\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12$\n\x0bgrad_labels\x18\x04 \x01(\x0b\x32\x0f.xent.v1.Tensor\x12(\n\x06health\x18\x05 \x01(\x0b\x32\x18.xent.v1.NumericalHealth\"i\n\x0fNumericalHealth\x12\x18\n\x10nonfinite_inputs\x18\x01 \x01(\x04\x12\x1f\n\x17unnormalized_label_rows\x18\x02 \x01(\x04\x12\x1b\n\x13nonfinite_loss_rows\x18\x03 \x01(\x04\"L\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\"\x8c\x01\n\x16\x45valuateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.xent.v1.EvaluateResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.xent.v1.StreamErrorH\x00\x42\x08\n\x06result*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06*v\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fLOSS_KIND_SOFTMAX_CROSS_ENTROPY\x10\x01\x12*\n&LOSS_KIND_SPARSE_SOFTMAX_CROSS_ENTROPY\x10\x02*\xaa\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02\x12\x12\n\x0eREDUCTION_MEAN\x10\x03\x12!\n\x1dREDUCTION_SUM_OVER_BATCH_SIZE\x10\x04\x12$\n REDUCTION_SUM_BY_NONZERO_WEIGHTS\x10\x05*a\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bOUTPUT_LOSS\x10\x01\x12\x16\n\x12OUTPUT_GRAD_LOGITS\x10\x02\x12\x16\n\x12OUTPUT_GRAD_LABELS\x10\x03*J\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x12\n\x0e\x45NCODING_TYPED\x10\x02\x32\x98\x01\n\x04Xent\x12?\n\x08\x45valuate\x12\x18.xent.v1.EvaluateRequest\x1a\x19.xent.v1.EvaluateResponse\x12O\n\x0e\x45valuateStream\x12\x18.xent.v1.EvaluateRequest\x1a\x1f.xent.v1.EvaluateStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'xent.v1.xent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1218
-  _globals['_DTYPE']._serialized_end=1359
-  _globals['_LOSSKIND']._serialized_start=1361
-  _globals['_LOSSKIND']._serialized_end=1479
-  _globals['_REDUCTION']._serialized_start=1482
-  _globals['_REDUCTION']._serialized_end=1652
-  _globals['_OUTPUT']._serialized_start=1654
-  _globals['_OUTPUT']._serialized_end=1751
-  _globals['_ENCODING']._serialized_start=1753
-  _globals['_ENCODING']._serialized_end=1827
+  _globals['_DTYPE']._serialized_start=1235
+  _globals['_DTYPE']._serialized_end=1376
+  _globals['_LOSSKIND']._serialized_start=1378
+  _globals['_LOSSKIND']._serialized_end=1496
+  _globals['_REDUCTION']._serialized_start=1499
+  _globals['_REDUCTION']._serialized_end=1669
+  _globals['_OUTPUT']._serialized_start=1671
+  _globals['_OUTPUT']._serialized_end=1768
+  _globals['_ENCODING']._serialized_start=1770
+  _globals['_ENCODING']._serialized_end=1844
   _globals['_TENSOR']._serialized_start=32
   _globals['_TENSOR']._serialized_end=185
   _globals['_EVALUATEREQUEST']._serialized_start=188
@@ -41,9 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NUMERICALHEALTH']._serialized_start=906
   _globals['_NUMERICALHEALTH']._serialized_end=1011
   _globals['_STREAMERROR']._serialized_start=1013
-  _globals['_STREAMERROR']._serialized_end=1072
-  _globals['_EVALUATESTREAMRESPONSE']._serialized_start=1075
-  _globals['_EVALUATESTREAMRESPONSE']._serialized_end=1215
-  _globals['_XENT']._serialized_start=1830
-  _globals['_XENT']._serialized_end=1982
+  _globals['_STREAMERROR']._serialized_end=1089
+  _globals['_EVALUATESTREAMRESPONSE']._serialized_start=1092
+  _globals['_EVALUATESTREAMRESPONSE']._serialized_end=1232
+  _globals['_XENT']._serialized_start=1847
+  _globals['_XENT']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The frameworks users would pick instead, on the kernel benches' shapes, in one run.
+"""The frameworks users would pick instead, on the kernel micro-benchmarks' shapes, in one run.
 
 Times softmax cross-entropy loss plus logits gradient (float32, 2 threads) in TensorFlow's raw
 ops (SoftmaxCrossEntropyWithLogits / SparseSoftmaxCrossEntropyWithLogits), JAX jit of
@@ -7,8 +7,8 @@ value_and_grad, PyTorch F.cross_entropy + autograd, and numpy, then runs xent's 
 bench (`cargo bench --bench kernel`, f32 group) in the same run and prints GB/s of logits and
 the ratio xent / each. Not run in CI.
 
-    bench/anchors.py                   # venv at /work/venvs/anchors (created on first use)
-    XENT_ANCHORS_VENV=DIR bench/anchors.py
+    comparisons/anchors.py                   # venv at /work/venvs/anchors (created on first use)
+    XENT_ANCHORS_VENV=DIR comparisons/anchors.py
 
 numpy is timed with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset (they slow a current numpy and
 the ops here use no BLAS anyway).

@@ -30,9 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, ValueEnum};
-use half::{bf16, f16};
 use hdrhistogram::Histogram;
 use ndarray::{Array1, Array2};
 use serde::Serialize;
@@ -42,9 +40,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::api::oip;
 use crate::api::tensor::{AnyTensor, decode};
+use crate::cli::{OptionFlags, float_dtype, named};
 use crate::client::{ClassId, EvalRequest, FloatElement, code_name};
 use crate::dtype::{DType, Element};
-use crate::eval::{LossKind, Options, Reduction, Wanted};
+use crate::eval::{LossKind, Named, Options, Output, Wanted};
 use crate::kernel::reference::{self, RefLabels, RefOutput, RefProblem};
 use crate::proto;
 use crate::proto::inference::ModelInferRequest;
@@ -61,46 +60,6 @@ pub enum Protocol {
     /// The Open Inference Protocol's `inference.GRPCInferenceService/ModelInfer`, with raw
     /// input contents (as tritonclient sends them).
     Oip,
-}
-
-/// Element type of the logits (and dense labels) on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DTypeArg {
-    /// IEEE binary16.
-    #[value(name = "float16")]
-    F16,
-    /// bfloat16.
-    #[value(name = "bfloat16")]
-    BF16,
-    /// IEEE binary32.
-    #[value(name = "float32")]
-    F32,
-    /// IEEE binary64.
-    #[value(name = "float64")]
-    F64,
-}
-
-/// Dense labels (`softmax_cross_entropy`) or class ids (`sparse_softmax_cross_entropy`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LossArg {
-    /// One-hot label rows shaped like the logits.
-    Dense,
-    /// One int64 class id per row.
-    Sparse,
-}
-
-/// An output to ask for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutputArg {
-    /// The loss.
-    #[value(name = "loss")]
-    Loss,
-    /// Gradient w.r.t. the logits.
-    #[value(name = "grad_logits")]
-    GradLogits,
-    /// Gradient w.r.t. dense labels.
-    #[value(name = "grad_labels")]
-    GradLabels,
 }
 
 /// The flags of `xent bench` (the addresses and the per-call timeout are the CLI's global
@@ -135,37 +94,21 @@ pub struct BenchArgs {
     pub classes: usize,
 
     /// Element type of the logits on the wire.
-    #[arg(long, value_enum, default_value = "float32")]
-    pub dtype: DTypeArg,
+    #[arg(long, value_parser = float_dtype(), default_value = "float32")]
+    pub dtype: DType,
 
-    /// Dense one-hot labels or int64 class ids.
-    #[arg(long, value_enum, default_value = "sparse")]
-    pub loss: LossArg,
+    /// Which loss: softmax_cross_entropy sends one-hot label rows, sparse_softmax_cross_entropy
+    /// int64 class ids.
+    #[arg(long, value_parser = named::<LossKind>(), default_value = "sparse_softmax_cross_entropy")]
+    pub loss: LossKind,
 
-    /// Reduction of the per-example losses.
-    #[arg(
-        long,
-        default_value = "none",
-        value_parser = PossibleValuesParser::new(Reduction::ALL.map(Reduction::name))
-            .try_map(|s| s.parse::<Reduction>())
-    )]
-    pub reduction: Reduction,
-
-    /// Label smoothing in [0, 1].
-    #[arg(long, value_name = "E", default_value_t = 0.0)]
-    pub label_smoothing: f64,
-
-    /// z-loss coefficient >= 0.
-    #[arg(long, value_name = "L", default_value_t = 0.0)]
-    pub z_loss: f64,
-
-    /// Class id to ignore (class ids only); every 16th row's label is set to it.
-    #[arg(long, value_name = "K", allow_negative_numbers = true)]
-    pub ignore_index: Option<i64>,
+    /// The scalar options.
+    #[command(flatten)]
+    pub options: OptionFlags,
 
     /// Outputs to ask for, comma-separated. Default: loss,grad_logits.
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
-    pub outputs: Vec<OutputArg>,
+    #[arg(long, value_parser = named::<Output>(), value_delimiter = ',', value_name = "LIST")]
+    pub outputs: Vec<Output>,
 
     /// Which API to load.
     #[arg(long, value_enum, default_value = "xent")]
@@ -348,31 +291,15 @@ impl SplitMix {
 
 impl BenchArgs {
     fn options(&self) -> Options {
-        Options {
-            label_smoothing: self.label_smoothing,
-            ignore_index: self.ignore_index,
-            z_loss: self.z_loss,
-            reduction: self.reduction,
-            ..Options::default()
-        }
+        self.options.apply(Options::default())
     }
 
     fn wanted(&self) -> Wanted {
-        if self.outputs.is_empty() {
-            return Wanted::default();
-        }
-        Wanted {
-            loss: self.outputs.contains(&OutputArg::Loss),
-            grad_logits: self.outputs.contains(&OutputArg::GradLogits),
-            grad_labels: self.outputs.contains(&OutputArg::GradLabels),
-        }
+        Wanted::of(&self.outputs)
     }
 
     fn kind(&self) -> LossKind {
-        match self.loss {
-            LossArg::Dense => LossKind::Dense,
-            LossArg::Sparse => LossKind::Sparse,
-        }
+        self.loss
     }
 
     /// Refuses flags that cannot make a run.
@@ -409,7 +336,7 @@ fn prepare<T: FloatElement>(args: &BenchArgs) -> Result<Prepared, String> {
     let (rows, classes) = (args.rows, args.classes);
     let mut rng = SplitMix(args.seed);
     let logits = Array2::from_shape_fn((rows, classes), |_| T::from_f64(rng.unit() * 8.0 - 4.0));
-    let ids = Array1::from_shape_fn(rows, |r| match args.ignore_index {
+    let ids = Array1::from_shape_fn(rows, |r| match args.options.ignore_index {
         Some(k) if r % 16 == 15 => k,
         _ => (rng.next() % classes as u64) as i64,
     });
@@ -564,11 +491,11 @@ impl Target {
                 let mut answer = Answer::default();
                 for (name, t) in oip::outputs(response).unwrap_or_default() {
                     let values = t.floats_to_f64();
-                    match name.as_str() {
-                        "loss" => answer.loss = values,
-                        "grad_logits" => answer.grad_logits = values,
-                        "grad_labels" => answer.grad_labels = values,
-                        _ => {}
+                    match Output::from_name(&name) {
+                        Some(Output::Loss) => answer.loss = values,
+                        Some(Output::GradLogits) => answer.grad_logits = values,
+                        Some(Output::GradLabels) => answer.grad_labels = values,
+                        None => {}
                     }
                 }
                 Ok(answer)
@@ -667,12 +594,11 @@ pub async fn run(config: BenchConfig) -> Result<Report, String> {
     if config.addresses.is_empty() {
         return Err("no --address given".into());
     }
-    let prepared = Arc::new(match args.dtype {
-        DTypeArg::F16 => prepare::<f16>(args)?,
-        DTypeArg::BF16 => prepare::<bf16>(args)?,
-        DTypeArg::F32 => prepare::<f32>(args)?,
-        DTypeArg::F64 => prepare::<f64>(args)?,
-    });
+    let prepared = Arc::new(
+        crate::with_float!(args.dtype, T => prepare::<T>(args)?, int => {
+            return Err(format!("--dtype {} is not a float dtype", args.dtype));
+        }),
+    );
     let target = Target::connect(&config.addresses, args.protocol, config.timeout).await?;
     let rec = Arc::new(Mutex::new(Recorder::new()));
     let duration = Duration::from_secs_f64(args.duration);

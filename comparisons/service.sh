@@ -3,10 +3,10 @@
 #   - xentd (release);
 #   - the echo service (examples/echo_server.rs): the same tonic stack and message sizes with
 #     no computation, the transport ceiling;
-#   - bench/python_server.py: a plain grpcio + numpy server doing the same work.
+#   - comparisons/python_server.py: a plain grpcio + numpy server doing the same work.
 # Shapes 256x1000 and 16x128256, float32, dense labels, loss and logits gradient, 8 closed-loop
 # clients of `xent bench`, DUR seconds each. Prints one line per run and the ratios.
-#   bench/service.sh                # DUR=8; needs .venv (scripts/test makes it)
+#   comparisons/service.sh                # DUR=8; needs .venv (scripts/test makes it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${DUR:-8}
@@ -17,7 +17,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 target/release/xentd --listen 127.0.0.1:50061 --metrics-listen off >/dev/null 2>&1 & pids+=($!)
 target/release/examples/echo_server 127.0.0.1:50062 >/dev/null 2>&1 & pids+=($!)
-"$PY" bench/python_server.py --address 127.0.0.1:50063 >/dev/null 2>&1 & pids+=($!)
+"$PY" comparisons/python_server.py --address 127.0.0.1:50063 >/dev/null 2>&1 & pids+=($!)
 sleep 3
 declare -A rate
 for shape in 256x1000 16x128256; do
@@ -25,7 +25,7 @@ for shape in 256x1000 16x128256; do
   for target in xentd:50061 echo:50062 python:50063; do
     name=${target%:*} port=${target#*:}
     json=$("$xent" --address "127.0.0.1:$port" --timeout 60 bench --duration "$DUR" --concurrency 8 \
-      --rows "$rows" --classes "$classes" --loss dense --outputs loss,grad_logits --json)
+      --rows "$rows" --classes "$classes" --loss softmax_cross_entropy --outputs loss,grad_logits --json)
     read -r rps p50 p99 < <("$PY" -c 'import json,sys; r=json.load(sys.stdin); l=r["latency_ms"]; print(r["requests_per_s"], l["p50"], l["p99"])' <<<"$json")
     rate[$shape.$name]=$rps
     printf '%-10s %-7s %9.1f req/s  p50 %8.2f ms  p99 %8.2f ms\n' "$shape" "$name" "$rps" "$p50" "$p99"

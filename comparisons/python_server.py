@@ -3,7 +3,7 @@ numpy (float32/float64, class axis last, dense or class-id labels, per-example l
 logits gradient). It is what `BENCHMARKS.md` compares xentd's service throughput against; it is
 not part of the product.
 
-    .venv/bin/python bench/python_server.py --address 127.0.0.1:50053 --workers 4
+    .venv/bin/python comparisons/python_server.py --address 127.0.0.1:50053 --workers 4
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@
 # compete with the server's and the comparison measures the server. REPEAT=N runs the
 # small-request comparison N times, on and off interleaved (the machine may be shared: compare
 # the runs of one round).
-#   bench/batching.sh            # DUR=10 seconds per run by default
+#   comparisons/batching.sh            # DUR=10 seconds per run by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${DUR:-10}
