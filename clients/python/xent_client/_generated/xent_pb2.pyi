@@ -145,14 +145,16 @@ class NumericalHealth(_message.Message):
     def __init__(self, nonfinite_inputs: _Optional[int] = ..., unnormalized_label_rows: _Optional[int] = ..., nonfinite_loss_rows: _Optional[int] = ...) -> None: ...
 
 class StreamError(_message.Message):
-    __slots__ = ("code", "message", "field")
+    __slots__ = ("code", "message", "field", "details")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     field: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+    details: bytes
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., details: _Optional[bytes] = ...) -> None: ...
 
 class EvaluateStreamResponse(_message.Message):
     __slots__ = ("request_id", "response", "error")
