@@ -102,7 +102,7 @@ where
 }
 
 /// The name of the RPC at `path`, if it is one of `proto/`'s.
-fn method_of(path: &str) -> Option<&'static str> {
+pub(super) fn method_of(path: &str) -> Option<&'static str> {
     crate::proto::METHODS
         .iter()
         .find(|(p, _)| *p == path)

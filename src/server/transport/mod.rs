@@ -9,7 +9,11 @@
 //! client-streaming call where the client's requests from before the shutdown end, so such a
 //! call either runs until the grace period cuts it or is cut short. This module owns the
 //! connections instead, on the h2 crate directly, and a drain goes like this:
-//! 1. the accept loop ends and the listener is closed: a new connection is refused at once;
+//! 1. health turns NOT_SERVING (the server does that before it signals the transport); a
+//!    connection made from now on is still accepted, but only to tell its client at once:
+//!    health answers NOT_SERVING, every other call UNAVAILABLE, and the connection gets
+//!    GOAWAY. (Closing the listener instead would leave a client that connects while it
+//!    closes with a SYN the kernel drops, and a connect stalled for a second.)
 //! 2. every connection starts HTTP/2's two-phase GOAWAY; streams up to the final GOAWAY's id
 //!    run to the end: their bodies are read in full, computed and answered; the client knows
 //!    the streams above it were never seen and may retry them elsewhere (`conn`);
@@ -30,7 +34,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::body::Body;
@@ -46,6 +50,9 @@ pub struct TransportSettings {
     /// Time the streams open at shutdown get to finish.
     pub shutdown_grace: Duration,
 }
+
+/// How long the connections made during a drain get, once it is over, to finish.
+const LATE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a server did with its streams, and what its drain had to cut off.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,12 +105,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> DrainReport {
     let service = tower::ServiceBuilder::new()
-        .layer(DrainLayer::new(streams.clone()))
+        .layer(DrainLayer)
+        .layer(drain::LateLayer)
         .service(service);
     let shared = Shared {
+        late: false,
         service,
         kinds,
         settings: Arc::new(settings.clone()),
+        counts: streams.clone(),
         draining: CancellationToken::new(),
         force: CancellationToken::new(),
         streams: TaskTracker::new(),
@@ -115,38 +125,60 @@ pub async fn serve(
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => {
-                    backoff.reset();
-                    // Without it, a small answer waits for the client's delayed ACK (about
-                    // 40 ms a call).
-                    let _ = tcp.set_nodelay(true);
+            accepted = listener.accept() => {
+                if let Some(tcp) = backoff.accepted(accepted).await {
                     connections.spawn(serve_connection(tcp, shared.clone()));
                 }
-                Err(e) => backoff.wait(e).await,
-            },
+            }
         }
     }
-    // Refused from now on, rather than accepted by the kernel and never answered.
-    drop(listener);
     shared.draining.cancel();
     connections.close();
     shared.streams.close();
-    let all_done = async {
+    // Connections made during the drain are still accepted, so that their clients hear at
+    // once that this server is going (health NOT_SERVING, calls UNAVAILABLE, then GOAWAY)
+    // rather than wait on a closing listener; the drain does not wait for them.
+    let late = Shared {
+        late: true,
+        force: CancellationToken::new(),
+        streams: TaskTracker::new(),
+        ..shared.clone()
+    };
+    let drained = tokio::time::timeout(settings.shutdown_grace, async {
         connections.wait().await;
         shared.streams.wait().await;
+    });
+    tokio::pin!(drained);
+    let in_time = loop {
+        tokio::select! {
+            biased;
+            result = &mut drained => break result.is_ok(),
+            accepted = listener.accept() => {
+                if let Some(tcp) = backoff.accepted(accepted).await {
+                    late.streams.spawn(serve_connection(tcp, late.clone()));
+                }
+            }
+        }
     };
+    drop(listener);
     let mut report = DrainReport::default();
-    if tokio::time::timeout(settings.shutdown_grace, all_done)
-        .await
-        .is_err()
-    {
+    if !in_time {
         report.cut_streams = streams.open();
         report.cut_connections = connections.len() as u64;
         shared.force.cancel();
         connections.wait().await;
         // A stream whose connection is gone ends at its next step; its answer is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(1), shared.streams.wait()).await;
+    }
+    // The connections made during the drain have their answers and a GOAWAY; a moment for
+    // their clients to read them and close, then they go too.
+    late.streams.close();
+    if tokio::time::timeout(LATE_GRACE, late.streams.wait())
+        .await
+        .is_err()
+    {
+        late.force.cancel();
+        late.streams.wait().await;
     }
     report.accepted = streams.accepted();
     report.answered = streams.answered();
@@ -167,6 +199,26 @@ struct AcceptBackoff {
 impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(5);
     const MAX: Duration = Duration::from_secs(1);
+
+    /// The connection `accepted` gave, ready to serve, or None after waiting out a failure.
+    async fn accepted(
+        &mut self,
+        accepted: io::Result<(TcpStream, std::net::SocketAddr)>,
+    ) -> Option<TcpStream> {
+        match accepted {
+            Ok((tcp, _)) => {
+                self.reset();
+                // Without it, a small answer waits for the client's delayed ACK (about 40 ms
+                // a call).
+                let _ = tcp.set_nodelay(true);
+                Some(tcp)
+            }
+            Err(e) => {
+                self.wait(e).await;
+                None
+            }
+        }
+    }
 
     fn reset(&mut self) {
         if self.failures > 0 {

@@ -22,45 +22,54 @@ use tonic::body::Body;
 use tower::ServiceExt as _;
 
 use super::GrpcService;
-use super::drain::{Cut, Mark, MethodKinds, draining};
+use super::drain::{Cut, Late, Mark, MethodKinds, Open, draining};
 
-/// Serves one stream: calls `service` with its request, sends the answer. A reset by the
-/// client drops the call.
+/// Serves one stream: calls `service` with its request, sends the answer, and counts it in
+/// `open`. A reset by the client drops the call.
 pub async fn serve_stream(
     request: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     service: impl GrpcService,
     cut: Cut,
     kinds: Arc<MethodKinds>,
+    late: bool,
+    open: Open,
 ) {
     let (mut parts, recv) = request.into_parts();
     let body = RequestBody::new(recv, &cut, kinds.is_client_streaming(parts.uri.path()));
     parts.extensions.insert(cut);
+    if late {
+        parts.extensions.insert(Late);
+    }
     let call = service.oneshot(http::Request::from_parts(parts, Body::new(body)));
     tokio::pin!(call);
     let answer = tokio::select! {
         biased;
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
         answer = &mut call => match answer {
             Ok(answer) => answer,
             Err(never) => match never {},
         },
-        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     let (head, body) = answer.into_parts();
     let head = http::Response::from_parts(head, ());
     if body.is_end_stream() {
-        let _ = respond.send_response(head, true);
+        if respond.send_response(head, true).is_ok() {
+            open.answered();
+        }
         return;
     }
     let Ok(tx) = respond.send_response(head, false) else {
         return;
     };
-    send_body(body, tx).await;
+    if send_body(body, tx).await {
+        open.answered();
+    }
 }
 
 /// Sends `body` on `tx`: data as the client's window allows, then trailers. A reset by the
-/// client ends it; a body error resets the stream.
-async fn send_body(mut body: Body, mut tx: SendStream<Bytes>) {
+/// client ends it; a body error resets the stream. True when all of it went out.
+async fn send_body(mut body: Body, mut tx: SendStream<Bytes>) -> bool {
     loop {
         let frame = std::future::poll_fn(|cx| {
             if tx.poll_reset(cx).is_ready() {
@@ -71,30 +80,27 @@ async fn send_body(mut body: Body, mut tx: SendStream<Bytes>) {
         .await;
         let frame = match frame {
             // Reset by the client.
-            None => return,
-            Some(None) => {
-                let _ = tx.send_data(Bytes::new(), true);
-                return;
-            }
+            None => return false,
+            Some(None) => return tx.send_data(Bytes::new(), true).is_ok(),
             Some(Some(Err(_))) => {
                 tx.send_reset(Reason::INTERNAL_ERROR);
-                return;
+                return false;
             }
             Some(Some(Ok(frame))) => frame,
         };
         let frame = match frame.into_data() {
             Ok(data) => {
                 let end = body.is_end_stream();
-                if send_data(&mut tx, data, end).await.is_err() || end {
-                    return;
+                match send_data(&mut tx, data, end).await {
+                    Err(()) => return false,
+                    Ok(()) if end => return true,
+                    Ok(()) => continue,
                 }
-                continue;
             }
             Err(frame) => frame,
         };
         if let Ok(trailers) = frame.into_trailers() {
-            let _ = tx.send_trailers(trailers);
-            return;
+            return tx.send_trailers(trailers).is_ok();
         }
     }
 }
