@@ -115,11 +115,15 @@ impl Server {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc's error details, so that clients can decode the details of errors.
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
         let reflection_alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc's error details, so that clients can decode the details of errors.
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
         let xent = XentServer::new(XentService::new(
