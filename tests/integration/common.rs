@@ -180,7 +180,7 @@ pub fn spawn_xentd(args: &[&str], stderr: std::process::Stdio) -> (std::process:
     } else {
         &["--metrics-listen", "off"]
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xentd"))
+    let mut child = std::process::Command::new(xentd_bin())
         .args(["--listen", "127.0.0.1:0"])
         .args(metrics_off)
         .args(args)
@@ -199,6 +199,12 @@ pub fn spawn_xentd(args: &[&str], stderr: std::process::Stdio) -> (std::process:
         .strip_prefix("listening on ")
         .expect("first stdout line names the address");
     (child, format!("http://{addr}"))
+}
+
+/// The xentd binary the tests run: `XENTD_BIN` when set (as for the Python suites), so a
+/// built test binary can be run against a binary copied elsewhere; else the one cargo built.
+pub fn xentd_bin() -> std::ffi::OsString {
+    std::env::var_os("XENTD_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_xentd").into())
 }
 
 /// A loopback port nobody listens on (the OS's choice, released at once).

@@ -140,7 +140,7 @@ async fn prometheus_counts_every_call_and_runs_the_rules_and_dashboard() {
     // xentd, with its metrics on a port of its own.
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let xentd_log = dir.path().join("xentd.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xentd"))
+    let mut child = Command::new(crate::common::xentd_bin())
         .args(["--listen", "127.0.0.1:0", "--metrics-listen"])
         .arg(metrics.to_string())
         .env("RUST_LOG", "info")

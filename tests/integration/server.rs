@@ -581,7 +581,7 @@ async fn the_binary_serves_then_drains_and_exits_zero_on_sigterm() {
 
 #[test]
 fn every_flag_is_documented_in_the_readme() {
-    let help = Command::new(env!("CARGO_BIN_EXE_xentd"))
+    let help = Command::new(crate::common::xentd_bin())
         .arg("--help")
         .output()
         .expect("xentd --help");
