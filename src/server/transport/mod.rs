@@ -25,6 +25,7 @@
 
 mod conn;
 pub mod drain;
+mod web;
 mod stream;
 mod wire;
 
@@ -40,6 +41,7 @@ use tokio_util::task::TaskTracker;
 use tonic::body::Body;
 
 use conn::{Shared, serve_connection};
+pub use web::serve_http;
 use drain::{DrainLayer, MethodKinds, Streams};
 
 /// How connections are served.
