@@ -104,6 +104,11 @@ class Replica:
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
 
+    def stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP has taken effect), from /proc."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "T"
+
     def calls(self) -> dict[tuple[str, str], int]:
         return calls_by_method_and_code(self.metrics)
 
