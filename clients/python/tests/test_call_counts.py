@@ -10,51 +10,19 @@ import asyncio
 import collections
 import json
 import os
-import re
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import start_xentd, stop_xentd
+from conftest import calls_by_method_and_code, free_port, start_xentd, stop_xentd
 
 from xent_client import AsyncClient, Client, XentError
 
-SAMPLE = re.compile(r"^xent_calls_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 LOGITS = np.array([[1, 2, 0.5], [0.2, 0.8, 1.5]], np.float32)
 LABELS = np.array([1, 2])
 OUT_OF_RANGE_LABELS = np.array([1, 3])  # class 3 of 3: INVALID_ARGUMENT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def calls_by_method_and_code(metrics: str) -> dict[tuple[str, str], int]:
-    """The non-zero samples of xent_calls_total, scraped from `metrics` (host:port)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
-                text = r.read().decode()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    calls = {}
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m and float(m["value"]) != 0:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
-            calls[(labels["method"], labels["code"])] = int(float(m["value"]))
-    return calls
 
 
 @pytest.fixture(scope="module")

@@ -100,3 +100,20 @@ def test_out_of_range_target_is_invalid_argument(address):
         cross_entropy(x, torch.tensor([1, 3]), client)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details.startswith("labels")
+
+
+def test_a_client_of_several_replicas_survives_losing_one(replicas):
+    # The autograd function sits on Client.evaluate, so it is balanced and retried like any
+    # call: a replica killed between steps changes nothing in the losses and gradients.
+    a, b = replicas(), replicas()
+    torch.manual_seed(4)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    with Client([a.address, b.address], timeout=30) as client:
+        for step in range(8):
+            if step == 4:
+                a.process.kill()
+                a.process.wait()
+            _compare(client, x, y, 1e-9, 1e-12)
+        assert client.calls == 8
+        assert {s.address: s.state for s in client.endpoints()}[b.address] == "serving"
