@@ -86,6 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         routes,
         Default::default(),
         xent::server::method_kinds()?,
+        None,
         &settings.transport,
         std::future::pending::<()>(),
     )

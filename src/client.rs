@@ -48,14 +48,16 @@
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::Stream;
 use ndarray::{ArrayD, ArrayView, Dimension, IxDyn};
 use tokio::time::Instant;
 use tonic::codec::Streaming;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -97,6 +99,85 @@ pub struct ClientConfig {
     /// [`Client::connect_many`]: how often DNS names are resolved again, so replicas that
     /// come and go behind one name are picked up and dropped. Default 30 s.
     pub resolve_interval: Duration,
+    /// TLS, and mutual TLS with a client certificate. Default: plaintext.
+    pub tls: Option<ClientTls>,
+    /// A bearer token sent with every call (`authorization: Bearer TOKEN`). Default: none.
+    pub token: Option<Token>,
+}
+
+/// How a client speaks TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates (PEM) the server's certificate must chain to.
+    pub ca: PathBuf,
+    /// The client's certificate chain (PEM), for mutual TLS, with `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must have. Default: the endpoint's host.
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    /// tonic's configuration, from the files.
+    fn config(&self, default_domain: Option<&str>) -> Result<ClientTlsConfig, ClientError> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| ClientError::Tls(format!("{what} {}: {e}", path.display())))
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("CA", &self.ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("certificate", cert)?,
+                    read("key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Tls(
+                    "a client certificate needs its key, and a key its certificate".into(),
+                ));
+            }
+        }
+        if let Some(domain) = self.domain.as_deref().or(default_domain) {
+            config = config.domain_name(domain);
+        }
+        Ok(config)
+    }
+}
+
+/// A bearer token; its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(…)")
+    }
+}
+
+impl Token {
+    /// The first token of a token file (one per line, `#` starts a comment), as xentd reads
+    /// it.
+    pub fn from_file(path: &Path) -> Result<Token, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Tls(format!("token file {}: {e}", path.display())))?;
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|t| Token(t.to_owned()))
+            .ok_or_else(|| {
+                ClientError::Tls(format!("token file {}: holds no token", path.display()))
+            })
+    }
+
+    fn header(&self) -> Result<MetadataValue<Ascii>, ClientError> {
+        format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| ClientError::Tls("the token is not printable ASCII".into()))
+    }
 }
 
 /// Retries of calls answered `UNAVAILABLE`: exponential backoff with full jitter (each wait
@@ -155,6 +236,8 @@ impl Default for ClientConfig {
             connection_window_bytes: 64 * MIB as u32,
             retry: RetryPolicy::default(),
             resolve_interval: Duration::from_secs(30),
+            tls: None,
+            token: None,
         }
     }
 }
@@ -171,6 +254,9 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A TLS file or the token file cannot be read or used.
+    #[error("{0}")]
+    Tls(String),
     /// [`Client::connect_many`] got no endpoint, or a name that does not resolve.
     #[error("cannot resolve {0}")]
     Resolve(String),
@@ -223,9 +309,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Adds `http://` to a bare `host:port`.
-fn endpoint_uri(endpoint: &str) -> String {
+fn endpoint_uri(endpoint: &str, tls: bool) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
@@ -241,6 +329,7 @@ pub struct Client {
     health: HealthClient<Channel>,
     timeout: Option<Duration>,
     retry: RetryPolicy,
+    token: Option<MetadataValue<Ascii>>,
 }
 
 impl Client {
@@ -255,14 +344,18 @@ impl Client {
         endpoint: impl Into<String>,
         config: ClientConfig,
     ) -> Result<Self, ClientError> {
-        let uri = endpoint_uri(&endpoint.into());
+        let uri = endpoint_uri(&endpoint.into(), config.tls.is_some());
         let connect_error = |source| ClientError::Connect {
             endpoint: uri.clone(),
             source,
         };
-        let ep = tuned_endpoint(&uri, &config).map_err(connect_error)?;
+        let tls = match &config.tls {
+            Some(t) => Some(t.config(None)?),
+            None => None,
+        };
+        let ep = tuned_endpoint(&uri, &config, tls).map_err(connect_error)?;
         let channel = ep.connect().await.map_err(connect_error)?;
-        Ok(Self::from_channel(channel, &config))
+        Self::with_token(channel, &config)
     }
 
     /// Connects to several servers and balances calls over them. Each entry is `host:port`
@@ -277,7 +370,7 @@ impl Client {
         let targets: Vec<String> = endpoints
             .iter()
             .map(|e| {
-                let uri = endpoint_uri(e.as_ref());
+                let uri = endpoint_uri(e.as_ref(), false);
                 uri.split_once("://")
                     .map(|(_, rest)| rest.trim_end_matches('/').to_string())
                     .unwrap_or(uri)
@@ -295,23 +388,39 @@ impl Client {
         }
         let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
         let mut known = HashSet::new();
+        // The addresses are resolved: the certificate is checked against the name given.
+        let host = targets[0]
+            .rsplit_once(':')
+            .map_or(targets[0].as_str(), |(h, _)| h);
+        let tls = match &config.tls {
+            Some(t) => Some(t.config(Some(host))?),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         for addr in first {
-            let ep = tuned_endpoint(&format!("http://{addr}"), &config).map_err(|source| {
-                ClientError::Connect {
+            let ep = tuned_endpoint(&format!("{scheme}://{addr}"), &config, tls.clone()).map_err(
+                |source| ClientError::Connect {
                     endpoint: addr.to_string(),
                     source,
-                }
-            })?;
+                },
+            )?;
             if changes.send(Change::Insert(addr, ep)).await.is_ok() {
                 known.insert(addr);
             }
         }
-        tokio::spawn(re_resolve(targets, known, changes, config.clone()));
-        Ok(Self::from_channel(channel, &config))
+        tokio::spawn(re_resolve(targets, known, changes, config.clone(), tls));
+        Self::with_token(channel, &config)
     }
 
-    /// Wraps an existing channel (the config's connection settings are not used, its message
-    /// limits and timeout are).
+    /// [`Client::from_channel`], with the config's token.
+    fn with_token(channel: Channel, config: &ClientConfig) -> Result<Self, ClientError> {
+        let mut client = Self::from_channel(channel, config);
+        client.token = config.token.as_ref().map(Token::header).transpose()?;
+        Ok(client)
+    }
+
+    /// Wraps an existing channel (the config's connection settings and token are not used,
+    /// its message limits and timeout are).
     pub fn from_channel(channel: Channel, config: &ClientConfig) -> Self {
         let xent = XentClient::new(channel.clone())
             .max_decoding_message_size(config.max_message_bytes)
@@ -324,14 +433,24 @@ impl Client {
             health,
             timeout: config.timeout,
             retry: config.retry.clone(),
+            token: None,
         }
     }
 
-    /// A request carrying the per-call deadline, if one is configured.
+    /// A request carrying the token and the per-call deadline, if configured.
     fn request<M>(&self, message: M) -> tonic::Request<M> {
-        let mut r = tonic::Request::new(message);
+        let mut r = self.authorized(message);
         if let Some(t) = self.timeout {
             r.set_timeout(t);
+        }
+        r
+    }
+
+    /// A request carrying the token, if one is configured.
+    fn authorized<M>(&self, message: M) -> tonic::Request<M> {
+        let mut r = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            r.metadata_mut().insert("authorization", token.clone());
         }
         r
     }
@@ -368,7 +487,7 @@ impl Client {
         let started = Instant::now();
         let mut attempt = 1;
         loop {
-            let mut call = tonic::Request::new(request.clone());
+            let mut call = self.authorized(request.clone());
             if let Some(t) = self.timeout {
                 // Every attempt gets what is left of the call's deadline.
                 match t.checked_sub(started.elapsed()) {
@@ -408,6 +527,7 @@ impl Client {
     where
         S: Stream<Item = proto::EvaluateRequest> + Send + 'static,
     {
+        let requests = self.authorized(requests);
         Ok(self.xent.evaluate_stream(requests).await?.into_inner())
     }
 
@@ -426,8 +546,15 @@ impl Client {
 }
 
 /// An endpoint with the connection settings of `config`.
-fn tuned_endpoint(uri: &str, config: &ClientConfig) -> Result<Endpoint, tonic::transport::Error> {
+fn tuned_endpoint(
+    uri: &str,
+    config: &ClientConfig,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
     let mut ep = Endpoint::from_shared(uri.to_string())?.tcp_nodelay(true);
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls)?;
+    }
     if let Some(t) = config.connect_timeout {
         ep = ep.connect_timeout(t);
     }
@@ -452,7 +579,9 @@ async fn re_resolve(
     mut known: HashSet<SocketAddr>,
     changes: tokio::sync::mpsc::Sender<Change<SocketAddr, Endpoint>>,
     config: ClientConfig,
+    tls: Option<ClientTlsConfig>,
 ) {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut last: Vec<Option<Vec<SocketAddr>>> = vec![None; targets.len()];
     loop {
         tokio::time::sleep(config.resolve_interval).await;
@@ -482,7 +611,7 @@ async fn re_resolve(
             known.remove(&gone);
         }
         for new in now.difference(&known).copied().collect::<Vec<_>>() {
-            let Ok(ep) = tuned_endpoint(&format!("http://{new}"), &config) else {
+            let Ok(ep) = tuned_endpoint(&format!("{scheme}://{new}"), &config, tls.clone()) else {
                 continue;
             };
             if changes.send(Change::Insert(new, ep)).await.is_err() {
@@ -981,9 +1110,16 @@ mod tests {
 
     #[test]
     fn endpoints_get_a_scheme() {
-        assert_eq!(endpoint_uri("127.0.0.1:50051"), "http://127.0.0.1:50051");
-        assert_eq!(endpoint_uri("http://h:1"), "http://h:1");
-        assert_eq!(endpoint_uri("https://h:1"), "https://h:1");
+        assert_eq!(
+            endpoint_uri("127.0.0.1:50051", false),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            endpoint_uri("127.0.0.1:50051", true),
+            "https://127.0.0.1:50051"
+        );
+        assert_eq!(endpoint_uri("http://h:1", true), "http://h:1");
+        assert_eq!(endpoint_uri("https://h:1", false), "https://h:1");
     }
 
     #[tokio::test]

@@ -4,12 +4,14 @@
 //! The doc comment of each field is its `--help` text and its row in README's table.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::batcher::{BatcherSettings, Limits};
 use crate::server::TransportSettings;
+use crate::server::tls::TlsFiles;
 
 /// One MiB.
 pub const MIB: usize = 1 << 20;
@@ -144,6 +146,49 @@ pub struct Config {
     #[arg(long, env = "XENT_TRANSIT_BUDGET_MIB", default_value_t = 0)]
     pub transit_budget_mib: u64,
 
+    /// The server's TLS certificate chain (PEM, leaf first); with `--tls-key`, the gRPC
+    /// listener speaks only TLS. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "XENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "XENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to: mutual TLS; a client
+    /// without one is refused in the handshake.
+    #[arg(long, env = "XENT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// With `--tls-client-ca`, the only client certificate subject names accepted (common
+    /// name, or DNS, URI or e-mail alternative name), comma-separated.
+    #[arg(
+        long,
+        env = "XENT_TLS_CLIENT_ALLOW",
+        value_delimiter = ',',
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_allow: Vec<String>,
+
+    /// A file of bearer tokens, one per line (`#` starts a comment): every call but health's
+    /// must send `authorization: Bearer TOKEN` with one of them. Reloaded like the
+    /// certificates.
+    #[arg(long, env = "XENT_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// A plaintext listener that serves grpc.health.v1 and nothing else, for probes that
+    /// cannot do TLS or send tokens (`off`: none).
+    #[arg(long, env = "XENT_HEALTH_LISTEN", default_value = "off")]
+    pub health_listen: String,
+
+    /// Serve gRPC server reflection.
+    #[arg(long, env = "XENT_REFLECTION", default_value_t = true, action = ArgAction::Set)]
+    pub reflection: bool,
+
+    /// Accept gzip-compressed requests and compress answers for clients that accept gzip.
+    #[arg(long, env = "XENT_GZIP", default_value_t = true, action = ArgAction::Set)]
+    pub gzip: bool,
+
     /// Fraction of requests recomputed in float64, after they are answered, to measure the
     /// kernel's error on real traffic (0 disables).
     #[arg(long, env = "XENT_VERIFY_FRACTION", default_value_t = 0.0)]
@@ -228,6 +273,8 @@ pub struct Settings {
     pub default_timeout: Duration,
     /// How connections are served.
     pub transport: TransportSettings,
+    /// TLS, tokens, and what is served.
+    pub security: SecuritySettings,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// Fraction of requests verified in float64.
@@ -239,6 +286,21 @@ impl Default for Settings {
     fn default() -> Self {
         Config::defaults().validate().expect("defaults are valid")
     }
+}
+
+/// TLS, bearer tokens, and what is served where.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecuritySettings {
+    /// TLS on the gRPC listener.
+    pub tls: Option<TlsFiles>,
+    /// Bearer tokens every call but health's must carry.
+    pub auth_token_file: Option<PathBuf>,
+    /// A plaintext health-only listener.
+    pub health_listen: Option<SocketAddr>,
+    /// Serve reflection.
+    pub reflection: bool,
+    /// Accept and send gzip.
+    pub gzip: bool,
 }
 
 /// Connections per listener when `--max-connections` is 0: three quarters of the soft
@@ -411,6 +473,32 @@ impl Config {
                 format!("--metrics-listen {a:?}: {e} (an address like 127.0.0.1:9464, or off)")
             })?),
         };
+        let health_listen = match self.health_listen.as_str() {
+            "off" | "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|e| {
+                format!("--health-listen {a:?}: {e} (an address like 0.0.0.0:50052, or off)")
+            })?),
+        };
+        let security = SecuritySettings {
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                    client_allow: self
+                        .tls_client_allow
+                        .iter()
+                        .map(|n| n.trim().to_owned())
+                        .filter(|n| !n.is_empty())
+                        .collect(),
+                }),
+                _ => None,
+            },
+            auth_token_file: self.auth_token_file.clone(),
+            health_listen,
+            reflection: self.reflection,
+            gzip: self.gzip,
+        };
         let compute_threads = if self.compute_threads == 0 {
             compute
         } else {
@@ -446,6 +534,7 @@ impl Config {
             },
             default_timeout: Duration::from_secs_f64(self.default_timeout_secs),
             transport,
+            security,
             metrics_listen,
             verify_fraction: self.verify_fraction,
         })

@@ -44,9 +44,16 @@ pub enum Error {
     /// The caller went away.
     #[error("cancelled by the caller")]
     Cancelled,
+    /// The call carries no valid credentials (a bearer token missing or wrong).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// A bug: an invariant did not hold. The server keeps serving.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The server cannot start: a setting names a file that is missing or wrong. Never a
+    /// call's answer.
+    #[error("{0}")]
+    Startup(String),
 }
 
 impl Error {
@@ -67,7 +74,9 @@ impl Error {
             | Error::Unavailable { .. }
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
-            | Error::Internal(_) => None,
+            | Error::Unauthenticated(_)
+            | Error::Internal(_)
+            | Error::Startup(_) => None,
         }
     }
 
@@ -80,7 +89,8 @@ impl Error {
             Error::Unavailable { .. } => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
-            Error::Internal(_) => Code::Internal,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Internal(_) | Error::Startup(_) => Code::Internal,
         }
     }
 
@@ -103,7 +113,9 @@ impl Error {
             | Error::ResourceExhausted(_)
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
-            | Error::Internal(_) => Status::new(code, message),
+            | Error::Unauthenticated(_)
+            | Error::Internal(_)
+            | Error::Startup(_) => Status::new(code, message),
         }
     }
 }

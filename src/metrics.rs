@@ -47,6 +47,8 @@ pub const SHED: &str = "xent_shed_total";
 /// Streams and connections still open when a drain's grace period ran out, cut off, by
 /// `what` (`streams`, `connections`).
 pub const DRAIN_CUT: &str = "xent_drain_cut_total";
+/// Calls refused for their bearer token, by `reason` (`missing`, `malformed`, `wrong`).
+pub const AUTH_REFUSED: &str = "xent_auth_refused_total";
 /// Bytes in transit on the gRPC listener: requests still arriving, answers not yet written.
 pub const TRANSIT_BYTES: &str = "xent_transit_bytes";
 /// Connections and calls the transport ended or refused for a limit or a timeout, by
@@ -92,6 +94,9 @@ pub enum Ended {
     AnswerStalled,
     /// A deadline that passed while the request was still arriving.
     DeadlineInTransfer,
+    /// A TLS handshake that failed: plaintext on a TLS port, an unknown CA, no client
+    /// certificate under mutual TLS, a client outside the allow-list.
+    TlsHandshake,
 }
 
 impl Ended {
@@ -109,6 +114,7 @@ impl Ended {
             Ended::RequestStalled => "request_stalled",
             Ended::AnswerStalled => "answer_stalled",
             Ended::DeadlineInTransfer => "deadline_in_transfer",
+            Ended::TlsHandshake => "tls_handshake",
         }
     }
 
@@ -281,6 +287,11 @@ pub fn describe() {
         DRAIN_CUT,
         Unit::Count,
         "Streams and connections cut off when the shutdown grace period ran out, by what."
+    );
+    describe_counter!(
+        AUTH_REFUSED,
+        Unit::Count,
+        "Calls refused UNAUTHENTICATED for their bearer token, by reason."
     );
     describe_gauge!(
         TRANSIT_BYTES,

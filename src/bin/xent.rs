@@ -52,6 +52,38 @@ struct Cli {
     #[arg(long, global = true, value_name = "SECS", value_parser = parse_seconds)]
     timeout: Option<Duration>,
 
+    /// Speak TLS, checking the server's certificate against these CA certificates (PEM).
+    #[arg(long, global = true, env = "XENT_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for mutual TLS, with --tls-key.
+    #[arg(long, global = true, env = "XENT_TLS_CERT", value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "XENT_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// The name the server's certificate must have. Default: the address's host.
+    #[arg(
+        long,
+        global = true,
+        env = "XENT_TLS_DOMAIN",
+        value_name = "NAME",
+        requires = "tls_ca"
+    )]
+    tls_domain: Option<String>,
+
+    /// A file whose first token (one per line, # starts a comment) is sent as a bearer token.
+    #[arg(long, global = true, env = "XENT_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -152,8 +184,22 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
+    let token = match &cli.token_file {
+        Some(path) => match xent::client::Token::from_file(path) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(format!("--token-file: {e}")),
+        },
+        None => None,
+    };
     let config = ClientConfig {
         timeout: cli.timeout,
+        tls: cli.tls_ca.clone().map(|ca| xent::client::ClientTls {
+            ca,
+            cert: cli.tls_cert.clone(),
+            key: cli.tls_key.clone(),
+            domain: cli.tls_domain.clone(),
+        }),
+        token,
         ..ClientConfig::default()
     };
     let result = runtime.block_on(async {

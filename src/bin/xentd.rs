@@ -94,6 +94,10 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
+        // SIGHUP reloads the certificates and tokens (server::reload). Its default action
+        // ends the process, so it is taken over here too, before the address is printed; a
+        // handler, once registered, stays for the life of the process.
+        drop(signal(SignalKind::hangup())?);
         Ok(async move {
             tokio::select! {
                 _ = int.recv() => tracing::info!("SIGINT received"),

@@ -8,11 +8,14 @@
 //! within the grace period, then `serve` returns.
 
 mod arrival;
+pub mod auth;
 mod call;
 mod deadline;
 mod message_size;
 mod oip;
+pub mod reload;
 mod service;
+pub mod tls;
 pub mod transport;
 
 use std::future::Future;
@@ -57,12 +60,25 @@ pub struct Server {
     batcher: Batcher,
     health: HealthReporter,
     streams: Arc<Streams>,
+    /// The certificates and tokens, read at start and reloaded while serving.
+    reloadable: reload::Reloadable,
 }
 
 impl Server {
     /// Starts the compute pool, the batcher and the warm-up; health is NOT_SERVING until the
     /// warm-up passes.
     pub async fn new(settings: Settings) -> Result<Server, Error> {
+        // The files first: a bad one stops the server before anything starts.
+        let reloadable = reload::Reloadable {
+            tls: match &settings.security.tls {
+                Some(files) => Some(tls::Tls::load(files.clone(), &[b"h2"])?),
+                None => None,
+            },
+            tokens: match &settings.security.auth_token_file {
+                Some(path) => Some(auth::Tokens::load(path.clone())?),
+                None => None,
+            },
+        };
         let pool = ComputePool::new(settings.compute_threads)?;
         let health = HealthReporter::new();
         set_health(&health, ServingStatus::NotServing).await;
@@ -75,6 +91,7 @@ impl Server {
             batcher,
             health,
             streams: Arc::default(),
+            reloadable,
         })
     }
 
@@ -105,8 +122,10 @@ impl Server {
             batcher,
             health,
             streams,
+            reloadable,
             ..
         } = self;
+        let gzip = settings.security.gzip;
         let stats_batcher = batcher.clone();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -136,9 +155,13 @@ impl Server {
         // RESOURCE_EXHAUSTED; tonic's checks stay as a backstop (the decoding one also bounds a
         // decompressed message, and the encoding one leaves room for gzip's worst case).
         .max_decoding_message_size(settings.max_message_bytes)
-        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64)
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64);
+        let xent = if gzip {
+            xent.accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        } else {
+            xent
+        };
         let inference = GrpcInferenceServiceServer::new(OipService::new(
             batcher.clone(),
             settings.default_timeout,
@@ -146,9 +169,14 @@ impl Server {
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         ))
         .max_decoding_message_size(settings.max_message_bytes)
-        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64)
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        .max_encoding_message_size(settings.max_message_bytes + settings.max_message_bytes / 64);
+        let inference = if gzip {
+            inference
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        } else {
+            inference
+        };
 
         let signal = {
             let health = health.clone();
@@ -158,27 +186,62 @@ impl Server {
                 set_health(&health, ServingStatus::NotServing).await;
             }
         };
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(xent)
-            .add_service(inference)
-            .prepare();
+        let mut routes = tonic::service::Routes::new(health_service.clone());
+        if settings.security.reflection {
+            routes = routes.add_service(reflection).add_service(reflection_alpha);
+        }
+        let routes = routes.add_service(xent).add_service(inference).prepare();
         let service = tower::ServiceBuilder::new()
+            .layer(auth::AuthLayer(reloadable.tokens.clone()))
             .layer(arrival::ArrivalLayer)
             .layer(message_size::MessageSizeLayer::new(
                 settings.max_message_bytes,
             ))
             .service(routes);
+        // The health-only plaintext listener serves until the drain is over, so probes read
+        // NOT_SERVING throughout it.
+        let done = tokio_util::sync::CancellationToken::new();
+        let health_task = match settings.security.health_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr).await.map_err(|e| {
+                    Error::Startup(format!("--health-listen {addr}: cannot listen: {e}"))
+                })?;
+                tracing::info!(%addr, "serving grpc.health.v1 in plaintext");
+                let routes = tonic::service::Routes::new(health_service).prepare();
+                let done = done.clone();
+                let transport = settings.transport.clone();
+                let kinds = method_kinds()?;
+                Some(tokio::spawn(async move {
+                    transport::serve(
+                        listener,
+                        routes,
+                        Arc::default(),
+                        kinds,
+                        None,
+                        &transport,
+                        done.cancelled_owned(),
+                    )
+                    .await
+                }))
+            }
+            None => None,
+        };
+        let reloader = tokio::spawn(reloadable.clone().run(done.clone()));
         let report = transport::serve(
             listener,
             service,
             streams,
             method_kinds()?,
+            reloadable.tls.clone(),
             &settings.transport,
             signal,
         )
         .await;
+        done.cancel();
+        let _ = reloader.await;
+        if let Some(task) = health_task {
+            let _ = task.await;
+        }
         batcher.close();
         record_drain(&report);
         let st = stats_batcher.stats();

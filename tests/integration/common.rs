@@ -39,6 +39,25 @@ impl TestServer {
 
     /// Starts a server with `settings` (the listen address is ignored) and waits for SERVING.
     pub async fn with_settings(settings: Settings) -> TestServer {
+        let server = Self::unready(settings).await;
+        server.wait_serving(&server.endpoint()).await;
+        server
+    }
+
+    /// Starts a server with TLS or tokens in `settings`, and waits for SERVING on its plaintext
+    /// health-only listener (one on a free port if `settings` have none), as a probe would.
+    pub async fn with_security(mut settings: Settings) -> TestServer {
+        let health = *settings
+            .security
+            .health_listen
+            .get_or_insert_with(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let server = Self::unready(settings).await;
+        server.wait_serving(&format!("http://{health}")).await;
+        server
+    }
+
+    /// Starts a server with `settings` without waiting for it.
+    async fn unready(settings: Settings) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -52,16 +71,14 @@ impl TestServer {
         let task = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
-        let server = TestServer {
+        TestServer {
             addr,
             batcher,
             pool,
             streams,
             stop: Some(tx),
             task: Some(task),
-        };
-        server.wait_serving().await;
-        server
+        }
     }
 
     /// The batcher's counters.
@@ -122,9 +139,9 @@ impl TestServer {
         r.into_inner().status()
     }
 
-    async fn wait_serving(&self) {
+    async fn wait_serving(&self, endpoint: &str) {
         for _ in 0..500 {
-            if let Ok(ch) = Channel::from_shared(self.endpoint())
+            if let Ok(ch) = Channel::from_shared(endpoint.to_string())
                 .unwrap()
                 .connect()
                 .await

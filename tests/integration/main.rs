@@ -24,5 +24,7 @@ mod observability;
 // A caller's trace continues into xentd (needs the `otel` feature).
 #[cfg(feature = "otel")]
 mod trace_context;
+// TLS, mutual TLS, the allow-list and bearer tokens, with real handshakes.
+mod security;
 // Options, dtypes, both RPCs, errors, health, reflection and shutdown of a running server.
 mod server;

@@ -42,6 +42,7 @@ use tokio_util::task::TaskTracker;
 use tonic::body::Body;
 
 use crate::metrics::Ended;
+use crate::server::tls::Tls;
 pub use budget::default_limit as default_transit_budget;
 use conn::{Shared, serve_connection};
 use drain::{DrainLayer, MethodKinds, Streams};
@@ -131,12 +132,14 @@ impl<S> GrpcService for S where
 }
 
 /// Serves `service` on the connections of `listener` until `shutdown` completes, then
-/// drains. Streams are counted in `streams`; `kinds` says which methods are client-streaming.
+/// drains. Streams are counted in `streams`; `kinds` says which methods are client-streaming;
+/// with `tls`, every connection is TLS.
 pub async fn serve(
     listener: TcpListener,
     service: impl GrpcService,
     streams: Arc<Streams>,
     kinds: Arc<MethodKinds>,
+    tls: Option<Arc<Tls>>,
     settings: &TransportSettings,
     shutdown: impl Future<Output = ()>,
 ) -> DrainReport {
@@ -167,7 +170,7 @@ pub async fn serve(
                     if connections.len() >= settings.max_connections {
                         refuse(tcp);
                     } else {
-                        connections.spawn(serve_connection(tcp, shared.clone()));
+                        connections.spawn(connect(tcp, tls.clone(), shared.clone()));
                     }
                 }
             }
@@ -196,7 +199,7 @@ pub async fn serve(
             result = &mut drained => break result.is_ok(),
             accepted = listener.accept() => {
                 if let Some(tcp) = backoff.accepted(accepted).await {
-                    late.streams.spawn(serve_connection(tcp, late.clone()));
+                    late.streams.spawn(connect(tcp, tls.clone(), late.clone()));
                 }
             }
         }
@@ -225,6 +228,37 @@ pub async fn serve(
     report.answered = streams.answered();
     report.reset = streams.reset();
     report
+}
+
+/// Serves a connection, after its TLS handshake when the listener has TLS. The handshake has
+/// the handshake timeout, and a drain cancels it (a late connection's goes on).
+async fn connect(tcp: TcpStream, tls: Option<Arc<Tls>>, shared: Shared<impl GrpcService>) {
+    let Some(tls) = tls else {
+        return serve_connection(tcp, shared).await;
+    };
+    let handshake = tokio::time::timeout(
+        shared.settings.handshake_timeout,
+        tls.acceptor().accept(tcp),
+    );
+    let stream = tokio::select! {
+        biased;
+        () = shared.force.cancelled() => return,
+        () = shared.draining.cancelled(), if !shared.late => return,
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                Ended::TlsHandshake.count();
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                Ended::HandshakeTimeout.count();
+                tracing::debug!("no TLS handshake within the handshake timeout");
+                return;
+            }
+        },
+    };
+    serve_connection(stream, shared).await;
 }
 
 /// Closes a connection over the limit as it comes (its client sees the connection closed
