@@ -44,6 +44,10 @@ pub enum Error {
     /// The caller went away.
     #[error("cancelled by the caller")]
     Cancelled,
+    /// The RPC belongs to the protocol but xentd does not do what it asks (a model repository,
+    /// shared memory, ...); the message says what xentd does instead.
+    #[error("{0}")]
+    Unimplemented(String),
     /// A bug: an invariant did not hold. The server keeps serving.
     #[error("internal error: {0}")]
     Internal(String),
@@ -67,6 +71,7 @@ impl Error {
             | Error::Unavailable { .. }
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
+            | Error::Unimplemented(_)
             | Error::Internal(_) => None,
         }
     }
@@ -80,6 +85,7 @@ impl Error {
             Error::Unavailable { .. } => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
+            Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
         }
     }
@@ -103,6 +109,7 @@ impl Error {
             | Error::ResourceExhausted(_)
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
+            | Error::Unimplemented(_)
             | Error::Internal(_) => Status::new(code, message),
         }
     }

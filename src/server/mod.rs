@@ -141,6 +141,7 @@ impl Server {
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
         let inference = GrpcInferenceServiceServer::new(OipService::new(
             batcher.clone(),
+            settings.stream_concurrency,
             settings.default_timeout,
             settings.max_message_bytes,
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
