@@ -5,7 +5,6 @@
 //! Queues are made deterministic by blocking the compute pool, never by sleeping.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::Code;
@@ -84,22 +83,20 @@ fn one_at_a_time() -> Settings {
 async fn priority_level_one_runs_before_level_two_and_each_level_in_arrival_order() {
     let server = TestServer::with_settings(one_at_a_time()).await;
     let c = oip_client(&server).await;
-    let gate = server.block_compute();
-    let done = Arc::new(Mutex::new(Vec::new()));
+    let mut gate = server.block_compute();
     let send = |req: ModelInferRequest| {
-        let (mut c, done) = (c.clone(), done.clone());
-        tokio::spawn(async move {
-            let id = c.model_infer(req).await.expect("answered").into_inner().id;
-            done.lock().unwrap().push(id);
-        })
+        let mut c = c.clone();
+        let id = req.id.clone();
+        let call = tokio::spawn(async move { c.model_infer(req).await.map(|_| ()) });
+        (id, call)
     };
     // The first takes the only slot (behind the blocked pool); the others queue, one by one.
-    let mut calls = vec![send(sparse(8, "first"))];
+    let mut pending = vec![send(sparse(8, "first"))];
     eventually("the first holds the slot", || {
-        server.stats().inflight_batches.load(Ordering::SeqCst) == 1
+        server.stats().dispatched_requests.load(Ordering::SeqCst) == 1
     })
     .await;
-    let level = |l| ParameterChoice::Uint64Param(l);
+    let level = ParameterChoice::Uint64Param;
     let queued = [
         with(sparse(8, "default-a"), "priority", level(0)),
         sparse(8, "default-b"),
@@ -112,19 +109,51 @@ async fn priority_level_one_runs_before_level_two_and_each_level_in_arrival_orde
         ),
     ];
     for (n, req) in queued.into_iter().enumerate() {
-        calls.push(send(req));
+        pending.push(send(req));
         eventually("queued", || {
             server.stats().queued_requests.load(Ordering::SeqCst) == n + 1
         })
         .await;
     }
-    drop(gate);
-    for call in calls {
-        call.await.unwrap();
+    // One request at a time: a new blocker goes onto the pool's queue behind the batch
+    // dispatched last, then the current blocker is released, so exactly that batch runs and
+    // the next one is dispatched behind the new blocker. Which call was computed is then the
+    // one call that finishes.
+    let total = pending.len();
+    let mut order = Vec::new();
+    for k in 1..=total {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        server.pool.spawn(move || {
+            let _ = rx.recv();
+        });
+        drop(std::mem::replace(&mut gate, tx));
+        eventually("one more computed", || {
+            server.stats().computed_requests.load(Ordering::SeqCst) == k as u64
+        })
+        .await;
+        for _ in 0..3000 {
+            if pending.iter().any(|(_, call)| call.is_finished()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let finished: Vec<usize> = (0..pending.len())
+            .filter(|&i| pending[i].1.is_finished())
+            .collect();
+        assert_eq!(finished.len(), 1, "one call computed in step {k}");
+        let (id, call) = pending.remove(finished[0]);
+        call.await.unwrap().expect("answered");
+        order.push(id);
+        if k < total {
+            eventually("the next dispatched", || {
+                server.stats().dispatched_requests.load(Ordering::SeqCst) == k as u64 + 1
+            })
+            .await;
+        }
     }
-    // With one slot each answer is sent before the next request is dispatched.
+    drop(gate);
     assert_eq!(
-        *done.lock().unwrap(),
+        order,
         ["first", "one-a", "one-b", "default-a", "default-b", "two"]
     );
 }
