@@ -34,7 +34,8 @@ pub struct Config {
     #[arg(long, env = "XENT_MAX_MESSAGE_BYTES", default_value_t = 256 * MIB)]
     pub max_message_bytes: usize,
 
-    /// Requests of one EvaluateStream evaluated concurrently (answers keep request order).
+    /// Requests of one EvaluateStream or ModelStreamInfer evaluated concurrently (answers keep
+    /// request order).
     #[arg(long, env = "XENT_STREAM_CONCURRENCY", default_value_t = 4)]
     pub stream_concurrency: usize,
 

@@ -259,7 +259,7 @@ impl Batcher {
 fn level(schedule: Schedule, levels: u32) -> Result<u32, Error> {
     match schedule.level {
         None => Ok(levels),
-        Some(l) if (1..=levels).contains(&l) => Ok(l),
+        Some(l) if (1..=u64::from(levels)).contains(&l) => Ok(l as u32),
         Some(l) => Err(Error::invalid(
             "priority",
             format!(

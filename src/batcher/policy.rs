@@ -106,7 +106,7 @@ pub struct Limits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Schedule {
     /// Its level, 1 (first) to [`Limits::priority_levels`]; `None`: the lowest.
-    pub level: Option<u32>,
+    pub level: Option<u64>,
     /// Longest it may wait in the queue before a batch takes it; `None`: until its deadline.
     pub queue_timeout: Option<std::time::Duration>,
 }

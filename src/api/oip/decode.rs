@@ -234,7 +234,7 @@ fn reserved_parameter(
             let level = count("the priority level: 1 first, 0 the default")?;
             reserved.schedule.level = match level {
                 0 => None,
-                l => Some(u32::try_from(l).unwrap_or(u32::MAX)),
+                l => Some(l),
             };
         }
         "timeout" => {
