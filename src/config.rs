@@ -37,7 +37,8 @@ pub struct Config {
     #[arg(long, env = "XENT_MAX_MESSAGE_BYTES", default_value_t = 256 * MIB)]
     pub max_message_bytes: usize,
 
-    /// Requests of one EvaluateStream evaluated concurrently (answers keep request order).
+    /// Requests of one EvaluateStream or ModelStreamInfer evaluated concurrently (answers keep
+    /// request order).
     #[arg(long, env = "XENT_STREAM_CONCURRENCY", default_value_t = 4)]
     pub stream_concurrency: usize,
 
@@ -74,6 +75,12 @@ pub struct Config {
     /// Bytes (inputs and outputs) that may wait; more are refused with UNAVAILABLE.
     #[arg(long, env = "XENT_MAX_QUEUE_BYTES", default_value_t = 1024 * MIB)]
     pub max_queue_bytes: usize,
+
+    /// Priority levels of the queue: a request at level 1 is taken before one at level 2, and
+    /// so on; first come first served within a level. Requests that name no level (the Open
+    /// Inference Protocol's `priority` 0 or absent, every xent.v1 request) get the last one.
+    #[arg(long, env = "XENT_PRIORITY_LEVELS", default_value_t = 2)]
+    pub priority_levels: u32,
 
     /// Batches computed at once (0: one per compute thread).
     #[arg(long, env = "XENT_MAX_INFLIGHT_BATCHES", default_value_t = 0)]
@@ -378,6 +385,12 @@ impl Config {
                 self.max_queue_bytes
             ));
         }
+        if !(1..=100).contains(&self.priority_levels) {
+            return Err(format!(
+                "--priority-levels {} must be between 1 and 100",
+                self.priority_levels
+            ));
+        }
         if self.max_request_elements == 0 {
             return Err("--max-request-elements must be positive".into());
         }
@@ -524,6 +537,7 @@ impl Config {
                     large_request_bytes: self.large_request_bytes,
                     max_queue_requests: self.max_queue_requests,
                     max_queue_bytes: self.max_queue_bytes,
+                    priority_levels: self.priority_levels,
                 },
                 max_inflight_batches: if self.max_inflight_batches == 0 {
                     compute_threads

@@ -47,6 +47,10 @@ pub enum Error {
     /// The call carries no valid credentials (a bearer token missing or wrong).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The RPC belongs to the protocol but xentd does not do what it asks (a model repository,
+    /// shared memory, ...); the message says what xentd does instead.
+    #[error("{0}")]
+    Unimplemented(String),
     /// A bug: an invariant did not hold. The server keeps serving.
     #[error("internal error: {0}")]
     Internal(String),
@@ -75,6 +79,7 @@ impl Error {
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
             | Error::Unauthenticated(_)
+            | Error::Unimplemented(_)
             | Error::Internal(_)
             | Error::Startup(_) => None,
         }
@@ -90,6 +95,7 @@ impl Error {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
             Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) | Error::Startup(_) => Code::Internal,
         }
     }
@@ -114,6 +120,7 @@ impl Error {
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
             | Error::Unauthenticated(_)
+            | Error::Unimplemented(_)
             | Error::Internal(_)
             | Error::Startup(_) => Status::new(code, message),
         }

@@ -24,14 +24,16 @@ const SPLIT_ELEMENTS: usize = 1 << 16;
 /// ends.
 pub(super) fn dispatch(batch: Batch<Job>, shared: &Arc<Shared>, pool: &ComputePool) {
     let shared = shared.clone();
-    shared.stats.batch(batch.reason);
+    if let Some(first) = batch.entries.first() {
+        shared.stats.batch(first.key.kind, batch.reason);
+    }
     let now = Instant::now();
     metrics::histogram!(m::BATCH_REQUESTS).record(batch.entries.len() as f64);
     metrics::histogram!(m::BATCH_ROWS)
         .record(batch.entries.iter().map(|e| e.rows).sum::<usize>() as f64);
     for e in &batch.entries {
         let waited = now.saturating_duration_since(e.arrived);
-        metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
+        shared.stats.waited(e.key.kind, waited);
         e.payload
             .span
             .record("queue_wait_ms", waited.as_secs_f64() * 1e3);
@@ -77,6 +79,7 @@ fn run(job: Job, rows: usize, shared: &Shared) -> usize {
         return 0;
     }
     let started = Instant::now();
+    let mut computed = started;
     let sample = span.in_scope(|| {
         let result = catch_unwind(AssertUnwindSafe(|| {
             let out = tracing::debug_span!("kernel").in_scope(|| compute::evaluate(&ev))?;
@@ -91,15 +94,18 @@ fn run(job: Job, rows: usize, shared: &Shared) -> usize {
             }
             (result, _) => (result, None),
         };
+        computed = Instant::now();
         reply.encode(&ev, result);
         sample
     });
-    let took = started.elapsed().as_secs_f64();
-    metrics::histogram!(m::COMPUTE).record(took);
-    span.record("compute_ms", took * 1e3);
+    let encoded = Instant::now();
+    let (infer, output) = (computed - started, encoded - computed);
+    span.record("compute_ms", (infer + output).as_secs_f64() * 1e3);
     // Counted before the caller can see its answer, so a caller that has every answer also
     // sees every one counted.
-    shared.stats.computed(rows, ev.elements());
+    shared
+        .stats
+        .computed(ev.kind, rows, ev.elements(), infer, output);
     reply.send();
     // After the caller has its answer: sampling never delays it.
     if let (Some(v), Some(sample)) = (&shared.verifier, sample) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::job::{self, Job};
-use super::policy::{BatchKey, Entry, Full};
+use super::policy::{BatchKey, Entry, Full, Schedule};
 use super::{BatcherSettings, Shared, Stats, rate, task};
 use crate::compute::ComputePool;
 use crate::error::Error;
@@ -90,6 +90,11 @@ impl Batcher {
         self.shared.verifier.as_ref()
     }
 
+    /// The settings it runs with.
+    pub fn settings(&self) -> &BatcherSettings {
+        &self.shared.settings
+    }
+
     /// What the batcher has done so far.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
@@ -106,11 +111,13 @@ impl Batcher {
         self.shared.rate.ns_per_element()
     }
 
-    /// Queues a validated request that `arrived` at the server, and waits until `deadline`
-    /// for its answer, which `encode` makes from the computed outputs (on the compute pool).
+    /// Queues a validated request that `arrived` at the server at the level and with the
+    /// queue timeout of `schedule`, and waits until `deadline` for its answer, which `encode`
+    /// makes from the computed outputs (on the compute pool).
     pub async fn submit<R, E>(
         &self,
         ev: Evaluation,
+        schedule: Schedule,
         arrived: Instant,
         deadline: Instant,
         encode: E,
@@ -131,6 +138,7 @@ impl Batcher {
         let elements = ev.elements();
         let bytes = footprint(&ev);
         let limits = s.settings.limits;
+        let level = level(schedule, limits.priority_levels)?;
         if elements > s.settings.max_request_elements {
             stats.shed(ShedReason::TooLarge);
             return Err(Error::ResourceExhausted(format!(
@@ -158,6 +166,10 @@ impl Batcher {
             classes: ev.layout.classes,
         };
         let rows = ev.layout.rows();
+        let queue_deadline = schedule
+            .queue_timeout
+            .and_then(|t| now.checked_add(t))
+            .map_or(deadline, |t| t.min(deadline));
         let job = Job {
             ev,
             span: tracing::Span::current(),
@@ -170,6 +182,8 @@ impl Batcher {
             bytes,
             arrived: now,
             deadline,
+            queue_deadline,
+            level,
             payload: job,
         };
         if let Err(e) = self.tx.try_send(Box::new(entry)) {
@@ -241,6 +255,20 @@ impl Batcher {
     }
 }
 
+/// The level a request waits at: the one it names, or the lowest of `levels`.
+fn level(schedule: Schedule, levels: u32) -> Result<u32, Error> {
+    match schedule.level {
+        None => Ok(levels),
+        Some(l) if (1..=u64::from(levels)).contains(&l) => Ok(l as u32),
+        Some(l) => Err(Error::invalid(
+            "priority",
+            format!(
+                "is {l}; this server's priority levels are 1 (first) to {levels} (the default), set by --priority-levels"
+            ),
+        )),
+    }
+}
+
 /// Whether a call of `elements` can finish by `deadline` if started `now`, at the measured
 /// kernel cost (unknown cost: assume it can).
 pub fn meets_deadline(
@@ -263,6 +291,20 @@ pub fn meets_deadline(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_are_checked_and_the_default_is_the_lowest() {
+        let at = |level| Schedule {
+            level,
+            queue_timeout: None,
+        };
+        assert_eq!(level(at(None), 3), Ok(3));
+        assert_eq!(level(at(Some(1)), 3), Ok(1));
+        let e = level(at(Some(4)), 3).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("priority"), "{e}");
+        assert!(level(at(Some(0)), 3).is_err());
+    }
 
     #[test]
     fn calls_that_cannot_meet_their_deadline_are_refused() {

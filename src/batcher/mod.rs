@@ -6,8 +6,9 @@
 //!   limit: RESOURCE_EXHAUSTED; a deadline that cannot be met: DEADLINE_EXCEEDED; draining:
 //!   UNAVAILABLE), so refusals never wait behind the queue;
 //! - one task (`task.rs`) that owns the queue ([`policy::Queue`], the batching rules as a plain
-//!   state machine), forms batches when the pool has a free slot, and answers requests that
-//!   expired or were abandoned while waiting;
+//!   state machine: ordered by priority level, then arrival), forms batches when the pool has a
+//!   free slot, and answers requests that expired, passed their queue timeout or were
+//!   abandoned while waiting;
 //! - dispatch (`dispatch.rs`): one job per batch on the compute pool, its requests spread over
 //!   the pool's threads, each computed, encoded by its front's encoder and answered through its
 //!   own oneshot inside its own tracing span.
@@ -19,10 +20,12 @@
 //! wake-ups (a caller left, a slot freed) are flags and one `Notify`, so nothing grows without
 //! bound.
 //!
-//! The batcher knows neither protobuf nor formulas: it takes [`Evaluation`]s and hands each
-//! request's [`crate::eval::Evaluated`] to the encoder its front gave with it. A row's result
-//! never depends on its batch: each request is evaluated on its own rows with sums whose order
-//! is fixed by the row, so batching changes throughput, not bits.
+//! The batcher knows neither protobuf nor formulas: it takes [`Evaluation`]s, each with its
+//! [`Schedule`] (priority level and queue timeout, which only the Open Inference Protocol's
+//! front reads from its requests), and hands each request's [`crate::eval::Evaluated`] to the
+//! encoder its front gave with it. A row's result never depends on its batch: each request is
+//! evaluated on its own rows with sums whose order is fixed by the row, so batching changes
+//! throughput, not bits.
 //!
 //! [`Evaluation`]: crate::eval::Evaluation
 
@@ -38,8 +41,8 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub use handle::{Batcher, meets_deadline};
-pub use policy::{BatchKey, CloseReason, Limits};
-pub use stats::Stats;
+pub use policy::{BatchKey, CloseReason, Limits, Schedule};
+pub use stats::{ModelStats, Stats, Timed};
 
 use crate::verify::Verifier;
 

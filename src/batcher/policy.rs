@@ -1,19 +1,24 @@
 //! The batching rules as a plain state machine: no tokio, no channels, time
 //! passed in, so every rule is unit-tested directly.
 //!
-//! Requests wait in one FIFO. When the compute pool has a free slot, the oldest waiting request
-//! decides which [`BatchKey`] is served next (so no key starves), and every waiting request with
-//! that key joins it, in arrival order, up to the row and byte budgets. A batch leaves:
+//! Requests wait in one queue ordered by priority level, then arrival: level 1 before level 2
+//! and so on, first come first served within a level (a request's level is its
+//! [`Schedule`]'s; requests that name none get the lowest, [`Limits::priority_levels`]). When
+//! the compute pool has a free slot, the first waiting request decides which [`BatchKey`] is
+//! served next (so within a level no key starves), and every waiting request with that key
+//! joins it, in queue order, up to the row and byte budgets. A batch leaves:
 //! - at once when the oldest request is large ([`CloseReason::LargeBypass`]: it is not held
 //!   back for company) or when the budgets are filled ([`CloseReason::FullRows`],
 //!   [`CloseReason::FullBytes`]);
 //! - with `max_delay` zero, with whatever is waiting ([`CloseReason::QueueEmpty`]): batches then
 //!   form only from requests that queued while the pool was busy, so batching never adds
 //!   latency;
-//! - otherwise once the oldest request has waited `max_delay` ([`CloseReason::DelayExpired`]).
+//! - otherwise once the first request has waited `max_delay` ([`CloseReason::DelayExpired`]).
 //!
-//! Requests whose caller has gone or whose deadline has passed are removed when a batch forms
-//! and never computed.
+//! Requests whose caller has gone, whose deadline has passed or that waited longer than their
+//! queue timeout are removed when a batch forms and never computed. Lower levels wait as long
+//! as higher ones keep the pool busy: that is what levels are for, and the queue timeout is
+//! how a caller bounds the wait.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -92,6 +97,18 @@ pub struct Limits {
     pub max_queue_requests: usize,
     /// Bytes that may wait at once.
     pub max_queue_bytes: usize,
+    /// Priority levels, 1 (first) to this one, which is also the level of requests that name
+    /// none.
+    pub priority_levels: u32,
+}
+
+/// How a request waits: its priority level and how long it may wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// Its level, 1 (first) to [`Limits::priority_levels`]; `None`: the lowest.
+    pub level: Option<u64>,
+    /// Longest it may wait in the queue before a batch takes it; `None`: until its deadline.
+    pub queue_timeout: Option<std::time::Duration>,
 }
 
 #[cfg(test)]
@@ -107,6 +124,7 @@ impl Limits {
             large_request_bytes: 400_000,
             max_queue_requests: 8,
             max_queue_bytes: 2_000_000,
+            priority_levels: 2,
         }
     }
 }
@@ -124,6 +142,11 @@ pub struct Entry<P> {
     pub arrived: Instant,
     /// When its caller stops waiting.
     pub deadline: Instant,
+    /// When it leaves the queue uncomputed if no batch took it: its deadline, or earlier when
+    /// it has a queue timeout.
+    pub queue_deadline: Instant,
+    /// Its priority level (1 first).
+    pub level: u32,
     /// What the batcher carries for it.
     pub payload: P,
 }
@@ -140,7 +163,7 @@ pub enum Full {
 /// A batch ready to run.
 #[derive(Debug)]
 pub struct Batch<P> {
-    /// Its requests, in arrival order.
+    /// Its requests, in queue order.
     pub entries: Vec<Entry<P>>,
     /// Why it left.
     pub reason: CloseReason,
@@ -162,16 +185,18 @@ pub enum Next<P> {
 pub enum Dropped<P> {
     /// The deadline passed while it waited.
     Expired(Entry<P>),
+    /// It waited its queue timeout.
+    TimedOut(Entry<P>),
     /// The caller went away.
     Abandoned(Entry<P>),
 }
 
-/// The waiting requests, in arrival order.
+/// The waiting requests, by level, then in arrival order.
 #[derive(Debug)]
 pub struct Queue<P> {
     limits: Limits,
     waiting: VecDeque<Entry<P>>,
-    /// No waiting request's deadline is earlier than this (it may be earlier than every one
+    /// No waiting request's queue deadline is earlier than this (it may be earlier than every one
     /// of them once requests leave; `purge` makes it exact again).
     earliest_deadline: Option<Instant>,
 }
@@ -201,13 +226,22 @@ impl<P> Queue<P> {
         self.waiting.iter().map(|e| e.bytes).sum()
     }
 
-    /// Queues a request (admitted already: the queue's limits are checked on admission).
+    /// Queues a request (admitted already: the queue's limits are checked on admission)
+    /// behind every request of its level or a higher one (requests are pushed in arrival
+    /// order, so each level stays first come first served).
     pub fn push(&mut self, entry: Entry<P>) {
         self.earliest_deadline = Some(
             self.earliest_deadline
-                .map_or(entry.deadline, |d| d.min(entry.deadline)),
+                .map_or(entry.queue_deadline, |d| d.min(entry.queue_deadline)),
         );
-        self.waiting.push_back(entry);
+        let at = self.waiting.partition_point(|e| e.level <= entry.level);
+        self.waiting.insert(at, entry);
+    }
+
+    /// When a waiting request may next leave uncomputed (at the latest then; possibly
+    /// earlier than any does, see `earliest_deadline`).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.earliest_deadline
     }
 
     /// Whether a waiting request's deadline may have passed by `now` (so [`Queue::purge`]
@@ -216,7 +250,7 @@ impl<P> Queue<P> {
         self.earliest_deadline.is_some_and(|d| d <= now)
     }
 
-    /// Removes requests whose deadline passed or whose caller left (`gone`), in place and in
+    /// Removes requests whose queue deadline passed or whose caller left (`gone`), in place and in
     /// one pass: the requests kept stay in order; the common case, nothing to remove,
     /// allocates nothing.
     pub fn purge(&mut self, now: Instant, gone: impl Fn(&P) -> bool) -> Vec<Dropped<P>> {
@@ -224,8 +258,8 @@ impl<P> Queue<P> {
         let mut kept = 0;
         for i in 0..self.waiting.len() {
             let e = &self.waiting[i];
-            if e.deadline > now && !gone(&e.payload) {
-                earliest = Some(earliest.map_or(e.deadline, |d| d.min(e.deadline)));
+            if e.queue_deadline > now && !gone(&e.payload) {
+                earliest = Some(earliest.map_or(e.queue_deadline, |d| d.min(e.queue_deadline)));
                 self.waiting.swap(kept, i);
                 kept += 1;
             }
@@ -237,6 +271,8 @@ impl<P> Queue<P> {
             .map(|e| {
                 if e.deadline <= now {
                     Dropped::Expired(e)
+                } else if e.queue_deadline <= now {
+                    Dropped::TimedOut(e)
                 } else {
                     Dropped::Abandoned(e)
                 }
@@ -345,6 +381,8 @@ mod tests {
             bytes,
             arrived: at,
             deadline: at + Duration::from_secs(1),
+            queue_deadline: at + Duration::from_secs(1),
+            level: 2,
             payload: id,
         }
     }
@@ -453,6 +491,7 @@ mod tests {
         q.push(entry(K, 1, 10, t, 1));
         let mut soon = entry(K, 1, 10, t, 2);
         soon.deadline = t + Duration::from_millis(1);
+        soon.queue_deadline = soon.deadline;
         q.push(soon);
         q.push(entry(K, 1, 10, t, 3));
         let dropped = q.purge(t + Duration::from_millis(1), |&id| id == 3);
@@ -468,5 +507,64 @@ mod tests {
         assert!(!q.deadline_passed(t + Duration::from_millis(999)));
         assert!(q.deadline_passed(t + Duration::from_secs(1)));
         assert!(q.purge(t, |_| false).is_empty(), "nothing more to drop");
+    }
+
+    #[test]
+    fn level_one_goes_before_level_two_and_each_level_is_fifo() {
+        let t = Instant::now();
+        let other = BatchKey { classes: 10, ..K };
+        let mut q = Queue::new(Limits {
+            max_delay: Duration::ZERO,
+            ..limits()
+        });
+        let at = |key, level, id| Entry {
+            level,
+            ..entry(key, 60, 100, t, id)
+        };
+        q.push(at(K, 2, 1));
+        q.push(at(other, 2, 2));
+        q.push(at(K, 1, 3));
+        q.push(at(other, 1, 4));
+        q.push(at(K, 1, 5));
+        q.push(at(K, 2, 6));
+        // 60 rows each and 100 a batch: one request a batch, in queue order.
+        let order: Vec<u32> = std::iter::from_fn(|| match q.next(t) {
+            Next::Run(b) => Some(b.entries[0].payload),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(order, vec![3, 4, 5, 1, 2, 6]);
+        // With room, the first request's key gathers its level first, then the lower one.
+        let mut q = Queue::new(Limits {
+            max_delay: Duration::ZERO,
+            ..limits()
+        });
+        let small = |level, id| Entry {
+            level,
+            ..entry(K, 10, 100, t, id)
+        };
+        q.push(small(2, 1));
+        q.push(small(1, 2));
+        q.push(small(2, 3));
+        q.push(small(1, 4));
+        assert_eq!(ids(q.next(t)), (vec![2, 4, 1, 3], CloseReason::QueueEmpty));
+    }
+
+    #[test]
+    fn a_request_past_its_queue_timeout_is_dropped_before_its_deadline() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits());
+        let mut short = entry(K, 1, 10, t, 1);
+        short.queue_deadline = t + Duration::from_millis(5);
+        q.push(short);
+        q.push(entry(K, 1, 10, t, 2));
+        assert!(!q.deadline_passed(t + Duration::from_millis(4)));
+        assert!(q.deadline_passed(t + Duration::from_millis(5)));
+        let dropped = q.purge(t + Duration::from_millis(5), |_| false);
+        assert!(matches!(
+            dropped[..],
+            [Dropped::TimedOut(Entry { payload: 1, .. })]
+        ));
+        assert_eq!(q.len(), 1);
     }
 }

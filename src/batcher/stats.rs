@@ -2,11 +2,72 @@
 //! beside its metric, so the two cannot disagree; and the queue's occupancy (requests and
 //! bytes waiting), whose one owner this is: the handle reserves room here before a request is
 //! queued, and the room is released here when the request is dispatched or dropped.
+//!
+//! Per model (loss kind), the counts and durations the Open Inference Protocol's
+//! `ModelStatistics` reports ([`ModelStats`]) are kept here too, each from the same measured
+//! duration that its metric records: a call's time from arrival to answer
+//! ([`m::CALL_DURATION`]), its wait in the queue ([`m::QUEUE_WAIT`]), its kernel and encoding
+//! time ([`m::COMPUTE`], split into the two).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use super::policy::{CloseReason, Full, Limits};
+use crate::eval::LossKind;
 use crate::metrics::{self as m, ShedReason};
+
+/// How many times something happened, and for how long in all.
+#[derive(Debug, Default)]
+pub struct Timed {
+    /// Times it happened.
+    pub count: AtomicU64,
+    /// Nanoseconds it took, summed.
+    pub ns: AtomicU64,
+}
+
+impl Timed {
+    fn add(&self, took: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.ns.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// `(count, ns)`.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What one model's requests did, in the terms of Triton's model statistics. Requests of every
+/// front are counted (xent.v1 and the Open Inference Protocol evaluate the same models);
+/// requests refused by validation (malformed, or for a model not served) are not.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    /// Calls answered OK: time from arrival to answer.
+    pub success: Timed,
+    /// Calls refused or failed after validation (queue full, deadline or queue timeout
+    /// passed, ...): time from arrival to answer.
+    pub fail: Timed,
+    /// Requests taken by a batch: time they waited in the queue.
+    pub queue: Timed,
+    /// Requests validated: time their validation and conversion took.
+    pub compute_input: Timed,
+    /// Requests computed: kernel time.
+    pub compute_infer: Timed,
+    /// Requests computed: time encoding their answers took.
+    pub compute_output: Timed,
+    /// Rows (examples) of the calls answered OK.
+    pub inference_count: AtomicU64,
+    /// Batches computed.
+    pub execution_count: AtomicU64,
+    /// When a call was last answered OK, in milliseconds since the Unix epoch (0: never).
+    pub last_inference_ms: AtomicU64,
+}
 
 /// Counters of what the batcher did, read by tests and exported as metrics.
 #[derive(Debug, Default)]
@@ -41,6 +102,8 @@ pub struct Stats {
     pub queued_bytes: AtomicUsize,
     /// Batches being computed now.
     pub inflight_batches: AtomicUsize,
+    /// Per model, in the order of [`crate::api::oip::MODELS`].
+    models: [ModelStats; 2],
 }
 
 impl Stats {
@@ -70,20 +133,73 @@ impl Stats {
         m::shed(reason);
     }
 
-    /// Counts a batch closed for `reason`, here and in [`m::BATCHES`].
-    pub(super) fn batch(&self, reason: CloseReason) {
+    /// What the requests of `kind` did.
+    pub fn model(&self, kind: LossKind) -> &ModelStats {
+        match kind {
+            LossKind::Dense => &self.models[0],
+            LossKind::Sparse => &self.models[1],
+        }
+    }
+
+    /// Counts a batch of `kind` closed for `reason`, here and in [`m::BATCHES`].
+    pub(super) fn batch(&self, kind: LossKind, reason: CloseReason) {
         self.batches[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.model(kind)
+            .execution_count
+            .fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::BATCHES, "reason" => reason.label()).increment(1);
     }
 
-    /// Counts a computed request of `rows` rows and `elements` logits elements, here and in
-    /// [`m::ELEMENTS`].
-    pub(super) fn computed(&self, rows: usize, elements: usize) {
+    /// Counts a request of `kind` that waited `waited` before a batch took it, here and in
+    /// [`m::QUEUE_WAIT`].
+    pub(super) fn waited(&self, kind: LossKind, waited: Duration) {
+        self.model(kind).queue.add(waited);
+        metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
+    }
+
+    /// Counts a computed request of `kind`, `rows` rows and `elements` logits elements whose
+    /// kernel took `infer` and whose encoding took `output`, here and in [`m::ELEMENTS`] and
+    /// [`m::COMPUTE`] (which has their sum).
+    pub(super) fn computed(
+        &self,
+        kind: LossKind,
+        rows: usize,
+        elements: usize,
+        infer: Duration,
+        output: Duration,
+    ) {
         self.computed_requests.fetch_add(1, Ordering::Relaxed);
         self.computed_rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.computed_elements
             .fetch_add(elements as u64, Ordering::Relaxed);
+        let model = self.model(kind);
+        model.compute_infer.add(infer);
+        model.compute_output.add(output);
         metrics::counter!(m::ELEMENTS).increment(elements as u64);
+        metrics::histogram!(m::COMPUTE).record((infer + output).as_secs_f64());
+    }
+
+    /// Counts a request of `kind` validated in `took`.
+    pub fn validated(&self, kind: LossKind, took: Duration) {
+        self.model(kind).compute_input.add(took);
+    }
+
+    /// Counts a call of `kind` and `rows` rows answered after `took`, OK or not. The caller
+    /// records the same `took` in [`m::CALL_DURATION`].
+    pub fn answered(&self, kind: LossKind, rows: usize, took: Duration, ok: bool) {
+        let model = self.model(kind);
+        if ok {
+            model.success.add(took);
+            model
+                .inference_count
+                .fetch_add(rows as u64, Ordering::Relaxed);
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            model.last_inference_ms.fetch_max(now, Ordering::Relaxed);
+        } else {
+            model.fail.add(took);
+        }
     }
 
     /// Reserves room for a request of `bytes` in the queue, or says which limit it hit (and

@@ -3,7 +3,8 @@
 //!
 //! It wakes for three things: a request sent by the handle (a bounded channel), a caller who
 //! stopped waiting or a batch that finished ([`Wake`]: flags and one `Notify`, which keeps a
-//! wake-up that comes while the task is busy), and the time the oldest group waits for.
+//! wake-up that comes while the task is busy), the time the first group waits for, and the
+//! time a waiting request's queue timeout or deadline passes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -106,6 +107,11 @@ pub(super) async fn run(
                 Next::Idle => break,
             }
         }
+        // A request whose queue timeout passes leaves then, even if nothing else wakes the task
+        // (its caller, still within its deadline, does not).
+        if let Some(expiry) = queue.next_expiry() {
+            wake = Some(wake.map_or(expiry, |w| w.min(expiry)));
+        }
         shared.stats.publish(inflight);
         if !open && queue.is_empty() && inflight == 0 {
             return;
@@ -130,6 +136,14 @@ fn answer_dropped(dropped: Dropped<Job>, shared: &Shared) {
                 "the deadline passed while the call waited in the queue".into(),
             ),
         ),
+        Dropped::TimedOut(e) => {
+            let timeout = e.queue_deadline.saturating_duration_since(e.arrived);
+            let error = Error::DeadlineExceeded(format!(
+                "the call waited its queue timeout of {} us (request parameter timeout) without a batch taking it",
+                timeout.as_micros()
+            ));
+            (e, ShedReason::Expired, error)
+        }
         Dropped::Abandoned(e) => (e, ShedReason::Abandoned, Error::Cancelled),
     };
     shared.stats.shed(reason);

@@ -9,9 +9,9 @@ use std::time::Instant;
 use tracing::{Instrument, field};
 
 use super::message_size::{AnswerRoom, answer_bytes_at_least};
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, Schedule};
 use crate::error::Error;
-use crate::eval::{Evaluated, Evaluation};
+use crate::eval::{Evaluated, Evaluation, LossKind};
 use crate::metrics as m;
 
 /// The span of one call; its trace continues the caller's when `metadata` carries one.
@@ -55,13 +55,13 @@ pub(super) struct Call {
 }
 
 impl Call {
-    /// Runs the call: `decode` validates the request (into the evaluation and whatever
-    /// `encode` needs from it), the batcher computes it, and `encode` turns the computed
-    /// outputs into the protocol's answer, on the compute pool. Counted, timed and logged
-    /// once, inside the `rpc` span.
+    /// Runs the call: `decode` validates the request (into the evaluation, how it waits in
+    /// the queue and whatever `encode` needs from it), the batcher computes it, and `encode`
+    /// turns the computed outputs into the protocol's answer, on the compute pool. Counted,
+    /// timed and logged once, inside the `rpc` span.
     pub(super) async fn run<C, R>(
         self,
-        decode: impl FnOnce() -> Result<(Evaluation, C), Error>,
+        decode: impl FnOnce() -> Result<(Evaluation, Schedule, C), Error>,
         encode: impl FnOnce(C, &Evaluation, Evaluated) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error>
     where
@@ -82,11 +82,17 @@ impl Call {
         let mut record = CallRecord {
             method,
             arrived,
+            model: None,
+            batcher: batcher.clone(),
             done: false,
         };
         metrics::counter!(m::RECEIVED_BYTES).increment(received_bytes as u64);
+        let model = &mut record.model;
         let result = async {
-            let (ev, context) = tracing::debug_span!("decode").in_scope(decode)?;
+            let started = Instant::now();
+            let (ev, schedule, context) = tracing::debug_span!("decode").in_scope(decode)?;
+            batcher.stats().validated(ev.kind, started.elapsed());
+            *model = Some((ev.kind, ev.layout.rows()));
             let span = tracing::Span::current();
             span.record("loss", ev.kind.name());
             span.record("dtype", ev.tensors.dtype().name());
@@ -96,7 +102,7 @@ impl Call {
             // Refused before computing when its data alone cannot be sent.
             room.check(answer_bytes_at_least(&ev), false)?;
             let answer = batcher
-                .submit(ev, arrived, deadline, move |ev, out| {
+                .submit(ev, schedule, arrived, deadline, move |ev, out| {
                     encode(context, ev, out)
                 })
                 .await?;
@@ -121,26 +127,40 @@ impl Call {
     }
 }
 
-/// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once: with its code when it is
-/// answered, or as CANCELLED when its future is dropped first (the client went away).
+/// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once, and in its model's
+/// statistics once its model is known: with its code when it is answered, or as CANCELLED
+/// when its future is dropped first (the client went away).
 struct CallRecord {
     method: &'static str,
     arrived: Instant,
+    /// Its model and rows, once decoded.
+    model: Option<(LossKind, usize)>,
+    batcher: Batcher,
     done: bool,
 }
 
 impl CallRecord {
     fn finish(&mut self, code: tonic::Code) {
         self.done = true;
-        count_call(self.method, self.arrived, code);
+        let took = count_call(self.method, self.arrived, code);
+        if let Some((kind, rows)) = self.model {
+            self.batcher
+                .stats()
+                .answered(kind, rows, took, code == tonic::Code::Ok);
+        }
     }
 }
 
-/// Counts a call of `method` that `arrived`, answered with `code`.
-pub(super) fn count_call(method: &'static str, arrived: Instant, code: tonic::Code) {
+/// Counts a call of `method` that `arrived`, answered with `code`; the time it took.
+pub(super) fn count_call(
+    method: &'static str,
+    arrived: Instant,
+    code: tonic::Code,
+) -> std::time::Duration {
+    let took = arrived.elapsed();
     metrics::counter!(m::CALLS, "method" => method, "code" => m::code_label(code)).increment(1);
-    metrics::histogram!(m::CALL_DURATION, "method" => method)
-        .record(arrived.elapsed().as_secs_f64());
+    metrics::histogram!(m::CALL_DURATION, "method" => method).record(took.as_secs_f64());
+    took
 }
 
 impl Drop for CallRecord {

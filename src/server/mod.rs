@@ -164,6 +164,7 @@ impl Server {
         };
         let inference = GrpcInferenceServiceServer::new(OipService::new(
             batcher.clone(),
+            settings.stream_concurrency,
             settings.default_timeout,
             settings.max_message_bytes,
             tonic_health::server::HealthService::from_health_reporter(health.clone()),

@@ -13,7 +13,7 @@ use super::call::{Call, rpc_span};
 use super::deadline::deadline;
 use super::message_size::AnswerRoom;
 use crate::api;
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, Schedule};
 use crate::error::Error;
 use crate::proto;
 use crate::proto::xent_server::Xent;
@@ -64,7 +64,7 @@ impl XentService {
             room,
         };
         call.run(
-            || api::decode(req).map(|ev| (ev, ())),
+            || api::decode(req).map(|ev| (ev, Schedule::default(), ())),
             |(), ev, out| api::response(ev, out),
         )
         .await

@@ -19,6 +19,9 @@ mod raw;
 mod transport;
 // The Open Inference Protocol (KServe v2) beside xent.v1, answer for answer.
 mod oip;
+// Triton's extensions of it: priority and queue timeout, ModelConfig, ModelStatistics,
+// ModelStreamInfer, and the RPCs not served.
+mod oip_triton;
 // Metrics scraped by a real Prometheus; the deploy/ rules and dashboard run on it.
 mod observability;
 // A caller's trace continues into xentd (needs the `otel` feature).

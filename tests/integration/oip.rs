@@ -290,12 +290,12 @@ async fn refusals_match_xent_v1_and_name_the_input_or_parameter() {
     cases.push((r, Code::InvalidArgument, Some("z_loss"), ">= 0"));
     let mut r = base();
     r.parameters
-        .insert("priority".into(), param(ParameterChoice::Uint64Param(1)));
+        .insert("sequence_id".into(), param(ParameterChoice::Uint64Param(1)));
     cases.push((
         r,
         Code::InvalidArgument,
-        Some("priority"),
-        "not a parameter",
+        Some("sequence_id"),
+        "sequence batcher",
     ));
     let mut r = base();
     r.inputs[1].name = "target".into();
@@ -386,10 +386,10 @@ async fn readiness_and_metadata() {
         inputs,
         [
             ("logits", F, &[-1i64, -1][..]),
-            ("labels", "INT64", &[-1][..]),
+            ("labels", "INT64", &[-1, 1][..]),
             ("class_weights", F, &[-1][..]),
-            ("sample_weights", F, &[-1][..]),
-            ("upstream", F, &[-1][..]),
+            ("sample_weights", F, &[-1, 1][..]),
+            ("upstream", F, &[-1, 1][..]),
         ]
     );
     let outputs: Vec<&str> = m.outputs.iter().map(|t| t.name.as_str()).collect();

@@ -1,4 +1,5 @@
-"""Fixtures for the Open Inference Protocol tests: the real xentd binary, once per session.
+"""Fixtures for the Open Inference Protocol tests: the real xentd binary, once per session
+(and `running_xentd` for a test that needs other flags).
 
 The binary (path from $XENTD_BIN, default target/debug/xentd) is started on ephemeral ports
 for gRPC and for its Prometheus metrics, its `listening on HOST:PORT` line is read, and it is
@@ -8,6 +9,7 @@ tritonclient's own `is_server_ready`, which is part of what is under test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -43,16 +45,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def xentd(tmp_path_factory) -> Xentd:
+@contextlib.contextmanager
+def running_xentd(directory: Path, *flags: str):
+    """The real xentd with `flags`, on ephemeral ports, ready; stopped with SIGTERM after."""
     binary = Path(os.environ.get("XENTD_BIN") or REPO_ROOT / "target" / "debug" / "xentd")
     if not binary.is_file():
         pytest.fail(f"xentd not found at {binary}; build it or set XENTD_BIN", pytrace=False)
-    stderr_path = tmp_path_factory.mktemp("xentd") / "stderr.log"
+    stderr_path = directory / "stderr.log"
     metrics = f"127.0.0.1:{_free_port()}"
     with open(stderr_path, "wb") as stderr_file:
         process = subprocess.Popen(
-            [str(binary), "--listen", "127.0.0.1:0", "--metrics-listen", metrics],
+            [str(binary), "--listen", "127.0.0.1:0", "--metrics-listen", metrics, *flags],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr_file,
@@ -87,6 +90,12 @@ def xentd(tmp_path_factory) -> Xentd:
         process.wait()
         pytest.fail(f"xentd did not exit after SIGTERM:\n{server.stderr()}")
     assert code == 0, f"xentd exited with {code}:\n{server.stderr()}"
+
+
+@pytest.fixture(scope="session")
+def xentd(tmp_path_factory) -> Xentd:
+    with running_xentd(tmp_path_factory.mktemp("xentd")) as server:
+        yield server
 
 
 def _ready(client) -> bool:

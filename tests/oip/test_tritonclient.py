@@ -4,8 +4,8 @@ Expected values are computed here in float64 with numpy from the formulas of the
 document (softmax cross-entropy, its gradients, label smoothing, ignore_index, the mean), on
 exactly the values sent (halves rounded first), and compared within the contract's tolerance
 for the dtype. The wire format itself is checked against tritonclient's bundled
-grpc_service.proto: every message and method xentd serves, fetched by gRPC reflection, has the
-same fields with the same numbers and types.
+grpc_service.proto and model_config.proto: every message and method, fetched from xentd by
+gRPC reflection, has the same fields with the same numbers and types.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 DENSE = "softmax_cross_entropy"
@@ -78,7 +78,7 @@ def test_liveness_readiness_and_metadata(client):
     assert m["versions"] == ["1"] and m["platform"] == "xent"
     assert [(t["name"], t["datatype"], t["shape"]) for t in m["inputs"][:2]] == [
         ("logits", "FP32", ["-1", "-1"]),
-        ("labels", "INT64", ["-1"]),
+        ("labels", "INT64", ["-1", "1"]),
     ]
     assert [t["name"] for t in m["outputs"]] == ["loss", "grad_logits"]
     dense_outputs = [t["name"] for t in client.get_model_metadata(DENSE, as_json=True)["outputs"]]
@@ -274,11 +274,12 @@ def _reflected_file(address, symbol):
         descriptor_pb2.FileDescriptorProto.FromString(b)
         for b in answer.file_descriptor_response.file_descriptor_proto
     ]
-    return next(p for p in protos if p.package == "inference")
+    return {p.name.rsplit("/", 1)[-1]: p for p in protos if p.package == "inference"}
 
 
 def test_wire_format_matches_tritonclient(xentd):
-    ours = _reflected_file(xentd.address, "inference.GRPCInferenceService")
+    ours = _reflected_file(xentd.address, "inference.GRPCInferenceService")["grpc_service.proto"]
+    assert "inference/model_config.proto" in ours.dependency
     theirs = descriptor_pb2.FileDescriptorProto()
     service_pb2.DESCRIPTOR.CopyToProto(theirs)
     assert ours.package == theirs.package == "inference"
@@ -302,16 +303,22 @@ def test_wire_format_matches_tritonclient(xentd):
         }
 
     ours_m, theirs_m = messages(ours), messages(theirs)
-    assert len(ours_m) >= 16
+    assert set(ours_m) == set(theirs_m), "every message of the service, no other"
     for name, m in ours_m.items():
-        assert name in theirs_m, f"{name} is not in tritonclient's grpc_service.proto"
         assert fields(m) == fields(theirs_m[name]), name
+    # Triton's model configuration, verbatim: every message and field as tritonclient has it.
+    config = descriptor_pb2.FileDescriptorProto()
+    model_config_pb2.DESCRIPTOR.CopyToProto(config)
+    ours_c = messages(_reflected_file(xentd.address, "inference.ModelConfig")["model_config.proto"])
+    theirs_c = messages(config)
+    assert set(ours_c) == set(theirs_c)
+    for name, m in ours_c.items():
+        assert fields(m) == fields(theirs_c[name]), name
     (svc,) = ours.service
     their_svc = {s.name: s for s in theirs.service}[svc.name]
     their_methods = {m.name: m for m in their_svc.method}
-    served = {"ServerLive", "ServerReady", "ModelReady"}
-    served |= {"ServerMetadata", "ModelMetadata", "ModelInfer"}
-    assert {m.name for m in svc.method} == served
+    assert {m.name for m in svc.method} == set(their_methods), "every RPC is declared"
     for m in svc.method:
         t = their_methods[m.name]
         assert (m.input_type, m.output_type) == (t.input_type, t.output_type), m.name
+        assert (m.client_streaming, m.server_streaming) == (t.client_streaming, t.server_streaming), m.name

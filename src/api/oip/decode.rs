@@ -1,13 +1,23 @@
 //! A `ModelInferRequest` to the [`Evaluation`] xent.v1 would make of the same request: the
 //! protocol's own rules (datatype strings, raw versus typed contents, parameter types,
 //! output names) are checked here, everything else by [`crate::api::decode()`].
+//!
+//! Triton's reserved request parameters are read here too, into the domain's terms:
+//! `priority` (a level of the batcher's queue, 0 the default) and `timeout` (how long the
+//! request may wait in the queue, in microseconds, 0 no limit) into a [`Schedule`];
+//! `triton_enable_empty_final_response` into the [`Reply`] (a stream's answers then say they
+//! are final). Every other `triton_` parameter is accepted and ignored: the prefix is
+//! Triton's, its clients send them, and none changes what xentd computes. The sequence
+//! batcher's parameters are refused: xentd's models keep no state between requests.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::{Reply, model, option_value, parameter_type, parse_datatype};
 use crate::api::{convert, tensor};
+use crate::batcher::Schedule;
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::eval::{Evaluation, Input, LossKind, Named, OptionName, Output};
@@ -17,10 +27,10 @@ use crate::proto::inference::model_infer_request::{InferInputTensor, InferReques
 use crate::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest};
 
 /// Validates a `ModelInferRequest` into the [`Evaluation`] xent.v1 would make of the same
-/// request, and what its response needs.
-pub fn decode(req: ModelInferRequest) -> Result<(Evaluation, Reply), Error> {
+/// request, how it waits in the queue, and what its response needs.
+pub fn decode(req: ModelInferRequest) -> Result<(Evaluation, Schedule, Reply), Error> {
     let model = model(&req.model_name, &req.model_version)?;
-    let (evaluate, reply) = to_evaluate_request(model, req)?;
+    let (evaluate, schedule, reply) = to_evaluate_request(model, req)?;
     let ev = crate::api::decode(evaluate).map_err(|e| match e {
         // The one field whose name differs between the protocols.
         Error::InvalidArgument { field, reason } if field == "request_id" => {
@@ -28,7 +38,7 @@ pub fn decode(req: ModelInferRequest) -> Result<(Evaluation, Reply), Error> {
         }
         other => other,
     })?;
-    Ok((ev, reply))
+    Ok((ev, schedule, reply))
 }
 
 /// The xent.v1 request a `ModelInferRequest` for `model` means; tensor bytes are moved, not
@@ -36,7 +46,7 @@ pub fn decode(req: ModelInferRequest) -> Result<(Evaluation, Reply), Error> {
 fn to_evaluate_request(
     model: LossKind,
     req: ModelInferRequest,
-) -> Result<(proto::EvaluateRequest, Reply), Error> {
+) -> Result<(proto::EvaluateRequest, Schedule, Reply), Error> {
     let ModelInferRequest {
         id,
         parameters,
@@ -61,7 +71,7 @@ fn to_evaluate_request(
         loss: proto::LossKind::from(model) as i32,
         ..Default::default()
     };
-    options(&parameters, &mut out)?;
+    let reserved = options(&parameters, &mut out)?;
 
     let mut logits_dtype = None;
     let mut raws = raw_input_contents.into_iter();
@@ -89,6 +99,8 @@ fn to_evaluate_request(
         *slot = Some(t);
     }
 
+    batched_scalars(model, &mut out);
+
     // Halves have no typed contents in the protocol, so their outputs always travel raw.
     let raw_response = raw || matches!(logits_dtype, Some(DType::F16 | DType::BF16));
     out.response_encoding = convert::encoding(raw_response) as i32;
@@ -100,13 +112,50 @@ fn to_evaluate_request(
         .collect();
     Ok((
         out,
+        reserved.schedule,
         Reply {
             model,
             id,
             outputs: wanted,
             raw: raw_response,
+            final_flag: reserved.final_flag,
         },
     ))
+}
+
+/// Triton's reshape of a batch of scalars: an input with one value per row (sparse labels,
+/// sample weights, upstream) may come shaped as the rows with a trailing dimension of 1, as
+/// `ModelConfig` declares it (`dims: [1]`, `reshape: []`: a batching model's input cannot
+/// have no dimension but the batch), and is taken shaped as the rows. The shape is the only
+/// thing that changes; the elements and their order are the same. Such a shape is never
+/// valid as it is, so nothing that was accepted changes meaning.
+fn batched_scalars(model: LossKind, out: &mut proto::EvaluateRequest) {
+    let Some(logits) = &out.logits else { return };
+    let rank = logits.shape.len() as i64;
+    let axis = out.axis.unwrap_or(-1);
+    let axis = if axis < 0 { axis + rank } else { axis };
+    // A bad axis is refused by the shared validation.
+    let Ok(axis) = usize::try_from(axis) else {
+        return;
+    };
+    if axis >= logits.shape.len() {
+        return;
+    }
+    let mut rows = logits.shape.clone();
+    rows.remove(axis);
+    let mut with_one = rows.clone();
+    with_one.push(1);
+    let mut inputs = vec![Input::SampleWeights, Input::Upstream];
+    if model == LossKind::Sparse {
+        inputs.push(Input::Labels);
+    }
+    for input in inputs {
+        if let Some(t) = convert::input_mut(out, input)
+            && t.shape == with_one
+        {
+            t.shape.clone_from(&rows);
+        }
+    }
 }
 
 /// Names joined by commas.
@@ -114,15 +163,28 @@ fn names<T: Named>(all: impl IntoIterator<Item = T>) -> String {
     all.into_iter().map(T::name).collect::<Vec<_>>().join(", ")
 }
 
-/// Request parameters into the options of `out`, each read as the kind of its option.
+/// What Triton's reserved request parameters ask for.
+#[derive(Debug, Default)]
+struct Reserved {
+    schedule: Schedule,
+    final_flag: bool,
+}
+
+/// Request parameters into the options of `out`, each read as the kind of its option, and
+/// Triton's reserved parameters into what they ask for.
 fn options(
     parameters: &HashMap<String, InferParameter>,
     out: &mut proto::EvaluateRequest,
-) -> Result<(), Error> {
+) -> Result<Reserved, Error> {
     // Sorted, so the error for several bad parameters does not depend on hashing.
     let mut keys: Vec<&String> = parameters.keys().collect();
     keys.sort();
+    let mut reserved = Reserved::default();
     for key in keys {
+        let p = parameters[key].parameter_choice.as_ref();
+        if reserved_parameter(key, p, &mut reserved)? {
+            continue;
+        }
         let Some(name) = OptionName::from_name(key) else {
             return Err(Error::invalid(
                 key.clone(),
@@ -132,7 +194,6 @@ fn options(
                 ),
             ));
         };
-        let p = parameters[key].parameter_choice.as_ref();
         let value = option_value(name.kind(), p).map_err(|bad| {
             let reason = match bad {
                 Some(s) => format!("is {s:?}; expected {}", crate::eval::Reduction::names_or()),
@@ -147,7 +208,58 @@ fn options(
         convert::set_option(out, name, value)
             .map_err(|_| Error::Internal(format!("{name} read as another kind")))?;
     }
-    Ok(())
+    Ok(reserved)
+}
+
+/// Reads `key` into `reserved` if it is one of Triton's reserved parameters (`Ok(true)`).
+fn reserved_parameter(
+    key: &str,
+    p: Option<&ParameterChoice>,
+    reserved: &mut Reserved,
+) -> Result<bool, Error> {
+    // A non-negative integer, as an int64_param or a uint64_param.
+    let count = |what: &str| match p {
+        Some(ParameterChoice::Int64Param(i)) if *i >= 0 => Ok(i.unsigned_abs()),
+        Some(ParameterChoice::Uint64Param(u)) => Ok(*u),
+        _ => Err(Error::invalid(
+            key,
+            format!(
+                "is {}; expected a non-negative int64_param or uint64_param ({what})",
+                describe(p)
+            ),
+        )),
+    };
+    match key {
+        "priority" => {
+            let level = count("the priority level: 1 first, 0 the default")?;
+            reserved.schedule.level = match level {
+                0 => None,
+                l => Some(l),
+            };
+        }
+        "timeout" => {
+            let us = count("the queue timeout in microseconds, 0 for none")?;
+            reserved.schedule.queue_timeout = (us > 0).then(|| Duration::from_micros(us));
+        }
+        "triton_enable_empty_final_response" => match p {
+            Some(ParameterChoice::BoolParam(b)) => reserved.final_flag = *b,
+            _ => {
+                return Err(Error::invalid(
+                    key,
+                    format!("is {}; expected a bool_param", describe(p)),
+                ));
+            }
+        },
+        "sequence_id" | "sequence_start" | "sequence_end" => {
+            return Err(Error::invalid(
+                key,
+                "is a parameter of Triton's sequence batcher; xentd's models keep no state between requests, so they take no sequences",
+            ));
+        }
+        k if k.starts_with("triton_") => {}
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 fn describe(v: Option<&ParameterChoice>) -> String {
@@ -171,16 +283,7 @@ fn input_tensor(input: InferInputTensor, raw: Option<Bytes>) -> Result<proto::Te
         parameters,
         contents,
     } = input;
-    if !parameters.is_empty() {
-        let mut keys: Vec<&String> = parameters.keys().collect();
-        keys.sort();
-        return Err(Error::invalid(
-            name,
-            format!(
-                "has parameters {keys:?}; xentd takes none on inputs (shared memory is not supported: send the data in the request)"
-            ),
-        ));
-    }
+    let binary_data_size = input_parameters(&name, &parameters)?;
     let dtype = parse_datatype(&datatype).ok_or_else(|| {
         Error::invalid(
             name.clone(),
@@ -200,6 +303,15 @@ fn input_tensor(input: InferInputTensor, raw: Option<Bytes>) -> Result<proto::Te
                 name,
                 format!(
                     "carries {field}, but the request uses raw_input_contents; use one or the other for every input"
+                ),
+            ));
+        }
+        if let Some(size) = binary_data_size.filter(|&s| s != raw.len() as u64) {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "has binary_data_size {size}, but its entry of raw_input_contents has {} bytes",
+                    raw.len()
                 ),
             ));
         }
@@ -244,6 +356,42 @@ fn input_tensor(input: InferInputTensor, raw: Option<Bytes>) -> Result<proto::Te
     t.int32_data = int_contents;
     t.int64_data = int64_contents;
     Ok(t)
+}
+
+/// The parameters of input `name`: only `binary_data_size`, the length of its raw contents
+/// (KServe's client adds it to every input it sends raw), is taken.
+fn input_parameters(
+    name: &str,
+    parameters: &HashMap<String, InferParameter>,
+) -> Result<Option<u64>, Error> {
+    let mut keys: Vec<&String> = parameters.keys().collect();
+    keys.sort();
+    let mut size = None;
+    for key in keys {
+        let p = parameters[key].parameter_choice.as_ref();
+        if key != "binary_data_size" {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "has parameter {key:?}; xentd takes only binary_data_size on inputs (shared memory is not supported: send the data in the request)"
+                ),
+            ));
+        }
+        size = Some(match p {
+            Some(ParameterChoice::Int64Param(i)) if *i >= 0 => i.unsigned_abs(),
+            Some(ParameterChoice::Uint64Param(u)) => *u,
+            _ => {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "has binary_data_size {}; expected a non-negative int64_param",
+                        describe(p)
+                    ),
+                ));
+            }
+        });
+    }
+    Ok(size)
 }
 
 /// The typed fields of `c` that hold values.

@@ -21,6 +21,10 @@ use crate::tensor::Buf;
 /// fields.
 pub const HEALTH_PARAMETERS: [&str; 3] = HEALTH_NAMES;
 
+/// The response parameter that says a response is its request's last, when the request set
+/// `triton_enable_empty_final_response` (Triton's streaming clients wait for it).
+pub const FINAL_RESPONSE: &str = "triton_final_response";
+
 /// The `ModelInferResponse` to the request `reply` came from, carrying `out`, the outputs
 /// computed for `ev`. Raw buffers are moved into `raw_output_contents`, not copied. The
 /// numerical health counts become response parameters ([`HEALTH_PARAMETERS`]).
@@ -44,6 +48,15 @@ fn typed<T: Contents>(
         parameters: health_parameters(out.health),
         ..Default::default()
     };
+    if reply.final_flag {
+        // Each request has exactly one response, so it is the final one.
+        resp.parameters.insert(
+            FINAL_RESPONSE.into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::BoolParam(true)),
+            },
+        );
+    }
     for name in reply.outputs {
         let buf = out
             .take(name)

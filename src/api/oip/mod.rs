@@ -17,17 +17,21 @@
 //!
 //! - [`decode`](mod@decode): a `ModelInferRequest` to an [`Evaluation`] (server side).
 //! - [`encode`]: computed outputs to a `ModelInferResponse` (server side).
+//! - [`config`](mod@config): `ModelConfig` from the server's settings, `ModelStatistics` from
+//!   the batcher's counts.
 //! - [`client`]: an `EvaluateRequest` to the equivalent `ModelInferRequest`, and a
 //!   `ModelInferResponse` back to tensors (used by `xent bench --protocol oip` and the tests).
 //! - here: the models, their names, datatypes, parameters and metadata, shared by all three.
 
 pub mod client;
+pub mod config;
 pub mod decode;
 pub mod encode;
 #[cfg(test)]
 mod tests;
 
 pub use client::{infer_request, outputs};
+pub use config::{config, statistics};
 pub use decode::decode;
 pub use encode::{HEALTH_PARAMETERS, response};
 
@@ -53,7 +57,7 @@ pub const MODELS: [LossKind; 2] = [LossKind::Dense, LossKind::Sparse];
 const fn parameter_type(kind: OptionKind) -> &'static str {
     match kind {
         OptionKind::Int => "an int64_param",
-        OptionKind::Float => "a double_param",
+        OptionKind::Float => "a double_param (or a string_param holding a number)",
         OptionKind::Bool => "a bool_param",
         OptionKind::Reduction => "a string_param",
     }
@@ -70,7 +74,9 @@ pub fn parameter(v: OptionValue) -> ParameterChoice {
 }
 
 /// A request parameter as the value of an option of `kind`: integers are also taken for
-/// floats (clients send `0` as an int64), unsigned integers for signed ones. `Err(None)`:
+/// floats (clients send `0` as an int64), and so are strings holding a number (KServe's
+/// client has no double parameter: it sends `label_smoothing=0.1` as the string "0.1");
+/// unsigned integers are taken for signed ones. `Err(None)`:
 /// the parameter has the wrong type; `Err(Some(s))`: `s` names no reduction.
 fn option_value(
     kind: OptionKind,
@@ -85,6 +91,9 @@ fn option_value(
         (OptionKind::Float, ParameterChoice::DoubleParam(d)) => OptionValue::Float(*d),
         (OptionKind::Float, ParameterChoice::Int64Param(i)) => OptionValue::Float(*i as f64),
         (OptionKind::Float, ParameterChoice::Uint64Param(u)) => OptionValue::Float(*u as f64),
+        (OptionKind::Float, ParameterChoice::StringParam(s)) => {
+            OptionValue::Float(s.trim().parse::<f64>().map_err(|_| None)?)
+        }
         (OptionKind::Bool, ParameterChoice::BoolParam(b)) => OptionValue::Bool(*b),
         (OptionKind::Reduction, ParameterChoice::StringParam(s)) => {
             OptionValue::Reduction(Named::from_name(s).ok_or_else(|| Some(s.clone()))?)
@@ -142,7 +151,9 @@ pub fn model(name: &str, version: &str) -> Result<LossKind, Error> {
 /// also takes the others (FP16, BF16, FP64; INT32), and outputs follow the logits' type.
 /// `-1` is a dimension of any length. Shapes are those of logits of rank 2 with the class
 /// axis last, the common case; any rank >= 1 and any class axis are accepted (parameter
-/// `axis`).
+/// `axis`). The first dimension is the batch (the rows), as `ModelConfig` says; the inputs
+/// with one value per row (sparse labels, sample weights, upstream) are `[-1, 1]`, Triton's
+/// shape for a batch of scalars, and are taken as `[-1]` too (see `decode`).
 pub fn metadata(model: LossKind) -> ModelMetadataResponse {
     const FLOATS: &str = "FP32";
     let t = |name: &str, datatype: &str, shape: &[i64]| TensorMetadata {
@@ -152,7 +163,7 @@ pub fn metadata(model: LossKind) -> ModelMetadataResponse {
     };
     let labels = match model {
         LossKind::Dense => t("labels", FLOATS, &[-1, -1]),
-        LossKind::Sparse => t("labels", "INT64", &[-1]),
+        LossKind::Sparse => t("labels", "INT64", &[-1, 1]),
     };
     let outputs = model
         .outputs()
@@ -170,8 +181,8 @@ pub fn metadata(model: LossKind) -> ModelMetadataResponse {
             t("logits", FLOATS, &[-1, -1]),
             labels,
             t("class_weights", FLOATS, &[-1]),
-            t("sample_weights", FLOATS, &[-1]),
-            t("upstream", FLOATS, &[-1]),
+            t("sample_weights", FLOATS, &[-1, 1]),
+            t("upstream", FLOATS, &[-1, 1]),
         ],
         outputs,
     }
@@ -188,4 +199,7 @@ pub struct Reply {
     pub outputs: Vec<Output>,
     /// Whether outputs travel in `raw_output_contents` (else typed contents).
     pub raw: bool,
+    /// Whether the request set `triton_enable_empty_final_response`: in a stream, its
+    /// response then carries `triton_final_response` (true: each request has one response).
+    pub final_flag: bool,
 }
