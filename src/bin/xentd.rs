@@ -16,14 +16,6 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    let _telemetry = match xent::telemetry::init(&config.telemetry(std::io::stderr().is_terminal()))
-    {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("xentd: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let settings = match config.validate() {
         Ok(s) => s,
         Err(e) => {
@@ -31,7 +23,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.io_threads)
         .thread_name("xent-io")
@@ -44,6 +35,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime: the OTLP exporter's gRPC channel is made on it.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        xent::telemetry::init(&config.telemetry(std::io::stderr().is_terminal()))
+    };
+    let telemetry = match telemetry {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("xentd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "starting");
+    let code = serve(&runtime, settings);
+    // Flushes the last spans while the runtime that carries the exporter's channel still runs.
+    drop(telemetry);
+    code
+}
+
+/// Runs the server on `runtime` until a signal has drained it.
+fn serve(runtime: &tokio::runtime::Runtime, settings: xent::config::Settings) -> ExitCode {
     runtime.block_on(async move {
         let shutdown = match shutdown_signal() {
             Ok(s) => s,

@@ -17,7 +17,7 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 use super::arrival::arrived;
-use super::call::{Call, rpc_span};
+use super::call::{Call, MODEL_INFER, rpc_span};
 use super::deadline::deadline;
 use super::message_size::AnswerRoom;
 use crate::api::oip;
@@ -133,14 +133,13 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        const METHOD: &str = "ModelInfer";
         let arrived: Instant = arrived(&request);
         let deadline = deadline(request.metadata(), arrived, self.default_timeout);
-        let span = rpc_span(METHOD, &request.get_ref().id, request.metadata());
+        let span = rpc_span(MODEL_INFER, &request.get_ref().id, request.metadata());
         let req = request.into_inner();
         let call = Call {
             batcher: self.batcher.clone(),
-            method: METHOD,
+            rpc: MODEL_INFER,
             span,
             received_bytes: req.encoded_len(),
             arrived,
