@@ -71,20 +71,26 @@ fn serve(runtime: &tokio::runtime::Runtime, settings: xent::config::Settings) ->
                 return ExitCode::FAILURE;
             }
         };
-        if let Some(addr) = settings.metrics_listen {
-            if let Err(e) = xent::metrics::install(addr) {
-                eprintln!("xentd: cannot serve metrics on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
-            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-        }
+        // The metrics listener answers until the server has drained: scrapes during a drain
+        // see it.
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let metrics = match settings.metrics_listen {
+            Some(addr) => match serve_metrics(addr, metrics_stop.clone()).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    eprintln!("xentd: cannot serve metrics on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         let addr = listener
             .local_addr()
             .map_or_else(|_| settings.listen.to_string(), |a| a.to_string());
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, "listening");
-        match xent::server::serve(listener, settings, shutdown).await {
+        let code = match xent::server::serve(listener, settings, shutdown).await {
             Ok(_) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -93,8 +99,35 @@ fn serve(runtime: &tokio::runtime::Runtime, settings: xent::config::Settings) ->
                 tracing::error!(error = %e, "server failed");
                 ExitCode::FAILURE
             }
+        };
+        metrics_stop.cancel();
+        if let Some(task) = metrics {
+            let _ = task.await;
         }
+        code
     })
+}
+
+/// How long a scrape in flight at exit gets to finish.
+const METRICS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Installs the metrics recorder and serves `/metrics` on `addr` until `stop` is cancelled.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let handle = xent::metrics::install().map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(tokio::spawn(xent::server::transport::serve_http(
+        listener,
+        xent::metrics::router(handle),
+        METRICS_GRACE,
+        stop.cancelled_owned(),
+    )))
 }
 
 /// Completes on the first SIGINT or SIGTERM. The handlers are installed here, at once, not
