@@ -86,7 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         routes,
         Default::default(),
         xent::server::method_kinds()?,
-        &xent::server::transport_settings(&settings),
+        &settings.transport,
         std::future::pending::<()>(),
     )
     .await;

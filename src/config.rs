@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::batcher::{BatcherSettings, Limits};
+use crate::server::TransportSettings;
 
 /// One MiB.
 pub const MIB: usize = 1 << 20;
@@ -87,6 +88,61 @@ pub struct Config {
     /// Concurrent HTTP/2 streams (calls) per client connection.
     #[arg(long, env = "XENT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
+
+    /// How long a client may take to open a connection: TCP accepted to its HTTP/2 preface
+    /// and SETTINGS, in seconds (on the metrics listener: to a request's headers).
+    #[arg(long, env = "XENT_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub handshake_timeout_secs: f64,
+
+    /// Seconds a connection may stay with no call in flight before it gets GOAWAY and is
+    /// closed (0: never).
+    #[arg(long, env = "XENT_IDLE_TIMEOUT_SECS", default_value_t = 300.0)]
+    pub idle_timeout_secs: f64,
+
+    /// Seconds between HTTP/2 PINGs the server sends to find connections whose client is
+    /// gone (0: none).
+    #[arg(long, env = "XENT_KEEPALIVE_INTERVAL_SECS", default_value_t = 30.0)]
+    pub keepalive_interval_secs: f64,
+
+    /// Seconds a keepalive PING may go unanswered before the connection is closed.
+    #[arg(long, env = "XENT_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub keepalive_timeout_secs: f64,
+
+    /// Seconds after which a connection is told GOAWAY so that its client reconnects,
+    /// possibly to another replica (0: never). Spread by up to 10 % so connections made
+    /// together do not all go at once.
+    #[arg(long, env = "XENT_MAX_CONNECTION_AGE_SECS", default_value_t = 0.0)]
+    pub max_connection_age_secs: f64,
+
+    /// Seconds a connection past its maximum age gets to finish its calls before it is
+    /// closed.
+    #[arg(
+        long,
+        env = "XENT_MAX_CONNECTION_AGE_GRACE_SECS",
+        default_value_t = 30.0
+    )]
+    pub max_connection_age_grace_secs: f64,
+
+    /// Connections open at once on each listener; more are closed as they come (0: three
+    /// quarters of the process's file-descriptor limit).
+    #[arg(long, env = "XENT_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Seconds a request message may stall half received, or an answer wait for a client
+    /// that does not read it, before the call is ended.
+    #[arg(long, env = "XENT_TRANSFER_IDLE_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub transfer_idle_timeout_secs: f64,
+
+    /// Largest header block (gRPC metadata) a call may send, in bytes; a call over it gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "XENT_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: u32,
+
+    /// MiB of requests still arriving and answers not yet written, across all calls, past
+    /// which new calls get UNAVAILABLE and uploads are held back (0: a quarter of the memory
+    /// the process may use, at least 256).
+    #[arg(long, env = "XENT_TRANSIT_BUDGET_MIB", default_value_t = 0)]
+    pub transit_budget_mib: u64,
 
     /// Fraction of requests recomputed in float64, after they are answered, to measure the
     /// kernel's error on real traffic (0 disables).
@@ -172,8 +228,8 @@ pub struct Settings {
     pub batcher: BatcherSettings,
     /// Deadline of calls that set none.
     pub default_timeout: Duration,
-    /// Concurrent streams per connection.
-    pub max_concurrent_streams: u32,
+    /// How connections are served.
+    pub transport: TransportSettings,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// Fraction of requests verified in float64.
@@ -185,6 +241,24 @@ impl Default for Settings {
     fn default() -> Self {
         Config::defaults().validate().expect("defaults are valid")
     }
+}
+
+/// Connections per listener when `--max-connections` is 0: three quarters of the soft
+/// file-descriptor limit (the rest is for the other listener, logs and the like), at least 16.
+pub fn default_max_connections() -> usize {
+    let nofile = fd_limit().unwrap_or(1024);
+    (nofile / 4 * 3).max(16)
+}
+
+/// The soft RLIMIT_NOFILE, from `/proc/self/limits` (no libc call needed).
+fn fd_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line.split_whitespace().nth(3)?;
+    if soft == "unlimited" {
+        return Some(1 << 20);
+    }
+    soft.parse().ok()
 }
 
 /// How the machine's cores are split: `(io_threads, compute_threads)`. The kernel is
@@ -259,6 +333,74 @@ impl Config {
         if self.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be positive".into());
         }
+        let secs = |flag: &str, v: f64, zero_ok: bool| -> Result<Duration, String> {
+            if v.is_finite() && (0.0..=86_400.0).contains(&v) && (zero_ok || v > 0.0) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!(
+                    "{flag} {v} must be {} 86400 seconds",
+                    if zero_ok {
+                        "between 0 and"
+                    } else {
+                        "more than 0 and at most"
+                    }
+                ))
+            }
+        };
+        let off_if_zero = |d: Duration| (!d.is_zero()).then_some(d);
+        if self.max_header_bytes < 1024 {
+            return Err(format!(
+                "--max-header-bytes {} must be at least 1024",
+                self.max_header_bytes
+            ));
+        }
+        let transport = TransportSettings {
+            max_concurrent_streams: self.max_concurrent_streams,
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+            handshake_timeout: secs(
+                "--handshake-timeout-secs",
+                self.handshake_timeout_secs,
+                false,
+            )?,
+            idle_timeout: off_if_zero(secs("--idle-timeout-secs", self.idle_timeout_secs, true)?),
+            keepalive_interval: off_if_zero(secs(
+                "--keepalive-interval-secs",
+                self.keepalive_interval_secs,
+                true,
+            )?),
+            keepalive_timeout: secs(
+                "--keepalive-timeout-secs",
+                self.keepalive_timeout_secs,
+                false,
+            )?,
+            max_connection_age: off_if_zero(secs(
+                "--max-connection-age-secs",
+                self.max_connection_age_secs,
+                true,
+            )?),
+            max_connection_age_grace: secs(
+                "--max-connection-age-grace-secs",
+                self.max_connection_age_grace_secs,
+                true,
+            )?,
+            max_connections: if self.max_connections == 0 {
+                default_max_connections()
+            } else {
+                self.max_connections
+            },
+            transfer_idle_timeout: secs(
+                "--transfer-idle-timeout-secs",
+                self.transfer_idle_timeout_secs,
+                false,
+            )?,
+            default_timeout: Duration::from_secs_f64(self.default_timeout_secs),
+            max_header_bytes: self.max_header_bytes,
+            transit_budget: if self.transit_budget_mib == 0 {
+                crate::server::default_transit_budget()
+            } else {
+                self.transit_budget_mib.saturating_mul(MIB as u64)
+            },
+        };
         if !(0.0..=1.0).contains(&self.verify_fraction) {
             return Err(format!(
                 "--verify-fraction {} must be between 0 and 1",
@@ -305,7 +447,7 @@ impl Config {
                 max_request_elements: self.max_request_elements,
             },
             default_timeout: Duration::from_secs_f64(self.default_timeout_secs),
-            max_concurrent_streams: self.max_concurrent_streams,
+            transport,
             metrics_listen,
             verify_fraction: self.verify_fraction,
         })

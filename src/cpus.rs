@@ -35,6 +35,29 @@ pub fn available() -> usize {
     .max(1)
 }
 
+/// Bytes of memory the process may use: the machine's memory, or its cgroup's limit where
+/// that is smaller (read where a container sees its own cgroup: `/sys/fs/cgroup/memory.max`
+/// under v2, `memory/memory.limit_in_bytes` under v1). It sizes the transport's byte budget.
+pub fn memory_limit() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .filter_map(|s| s.trim().parse::<u64>().ok())
+    .min();
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
 /// A CFS bandwidth limit: `quota` microseconds of CPU time in every `period` microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quota {

@@ -52,6 +52,11 @@ pub const SHED: &str = "xent_shed_total";
 /// Streams and connections still open when a drain's grace period ran out, cut off, by
 /// `what` (`streams`, `connections`).
 pub const DRAIN_CUT: &str = "xent_drain_cut_total";
+/// Bytes in transit on the gRPC listener: requests still arriving, answers not yet written.
+pub const TRANSIT_BYTES: &str = "xent_transit_bytes";
+/// Connections and calls the transport ended or refused for a limit or a timeout, by
+/// `why` (see [`Ended`]).
+pub const TRANSPORT_ENDED: &str = "xent_transport_ended_total";
 /// Non-finite values (NaN, +inf, -inf) seen in logits and labels.
 pub const NONFINITE_INPUTS: &str = "xent_nonfinite_inputs_total";
 /// Dense label rows whose sum is not 1 (within 1e-3 relative).
@@ -82,6 +87,58 @@ pub const PROCESS_RESIDENT: &str = "process_resident_memory_bytes";
 pub const PROCESS_START: &str = "process_start_time_seconds";
 /// OS threads.
 pub const PROCESS_THREADS: &str = "process_threads";
+
+/// Why the transport ended or refused a connection or a call (the `why` label of
+/// [`TRANSPORT_ENDED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A connection over `--max-connections`, closed as it came.
+    ConnectionLimit,
+    /// No HTTP/2 preface (or, on the HTTP listener, no request head) in time.
+    HandshakeTimeout,
+    /// A keepalive PING went unanswered.
+    KeepaliveTimeout,
+    /// A connection without calls for `--idle-timeout-secs`, told GOAWAY.
+    Idle,
+    /// A connection past `--max-connection-age-secs`, told GOAWAY.
+    MaxAge,
+    /// ...and closed when its grace ran out.
+    MaxAgeGrace,
+    /// A call refused because the bytes in transit are over the budget.
+    OverBudget,
+    /// A call whose metadata is over `--max-header-bytes`.
+    OversizedMetadata,
+    /// A request that stalled mid-message.
+    RequestStalled,
+    /// An answer its client did not read.
+    AnswerStalled,
+    /// A deadline that passed while the request was still arriving.
+    DeadlineInTransfer,
+}
+
+impl Ended {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ended::ConnectionLimit => "connection_limit",
+            Ended::HandshakeTimeout => "handshake_timeout",
+            Ended::KeepaliveTimeout => "keepalive_timeout",
+            Ended::Idle => "idle",
+            Ended::MaxAge => "max_age",
+            Ended::MaxAgeGrace => "max_age_grace",
+            Ended::OverBudget => "over_budget",
+            Ended::OversizedMetadata => "oversized_metadata",
+            Ended::RequestStalled => "request_stalled",
+            Ended::AnswerStalled => "answer_stalled",
+            Ended::DeadlineInTransfer => "deadline_in_transfer",
+        }
+    }
+
+    /// Counts one.
+    pub fn count(self) {
+        metrics::counter!(TRANSPORT_ENDED, "why" => self.label()).increment(1);
+    }
+}
 
 /// Why a request was not computed (the `reason` label of [`SHED`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,6 +303,16 @@ pub fn describe() {
         DRAIN_CUT,
         Unit::Count,
         "Streams and connections cut off when the shutdown grace period ran out, by what."
+    );
+    describe_gauge!(
+        TRANSIT_BYTES,
+        Unit::Bytes,
+        "Bytes of requests still arriving and answers not yet written."
+    );
+    describe_counter!(
+        TRANSPORT_ENDED,
+        Unit::Count,
+        "Connections and calls ended or refused by a transport limit or timeout, by why."
     );
     describe_counter!(
         NONFINITE_INPUTS,

@@ -75,13 +75,15 @@ fn serve(runtime: &tokio::runtime::Runtime, settings: xent::config::Settings) ->
         // see it.
         let metrics_stop = tokio_util::sync::CancellationToken::new();
         let metrics = match settings.metrics_listen {
-            Some(addr) => match serve_metrics(addr, metrics_stop.clone()).await {
-                Ok(task) => Some(task),
-                Err(e) => {
-                    eprintln!("xentd: cannot serve metrics on {addr}: {e}");
-                    return ExitCode::FAILURE;
+            Some(addr) => {
+                match serve_metrics(addr, &settings.transport, metrics_stop.clone()).await {
+                    Ok(task) => Some(task),
+                    Err(e) => {
+                        eprintln!("xentd: cannot serve metrics on {addr}: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 }
-            },
+            }
             None => None,
         };
         let addr = listener
@@ -111,9 +113,11 @@ fn serve(runtime: &tokio::runtime::Runtime, settings: xent::config::Settings) ->
 /// How long a scrape in flight at exit gets to finish.
 const METRICS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Installs the metrics recorder and serves `/metrics` on `addr` until `stop` is cancelled.
+/// Installs the metrics recorder and serves `/metrics` on `addr` until `stop` is cancelled,
+/// under the gRPC listener's connection limits and timeouts.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
+    transport: &xent::server::transport::TransportSettings,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -122,12 +126,19 @@ async fn serve_metrics(
     let handle = xent::metrics::install().map_err(|e| e.to_string())?;
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    Ok(tokio::spawn(xent::server::transport::serve_http(
-        listener,
-        xent::metrics::router(handle),
-        METRICS_GRACE,
-        stop.cancelled_owned(),
-    )))
+    let transport = xent::server::transport::TransportSettings {
+        shutdown_grace: METRICS_GRACE,
+        ..transport.clone()
+    };
+    Ok(tokio::spawn(async move {
+        xent::server::transport::serve_http(
+            listener,
+            xent::metrics::router(handle),
+            &transport,
+            stop.cancelled_owned(),
+        )
+        .await;
+    }))
 }
 
 /// Completes on the first SIGINT or SIGTERM. The handlers are installed here, at once, not

@@ -26,7 +26,7 @@ pub use deadline::parse_timeout;
 pub use oip::OipService;
 pub use service::XentService;
 use transport::drain::{MethodKinds, Streams};
-pub use transport::{DrainReport, TransportSettings};
+pub use transport::{DrainReport, TransportSettings, default_transit_budget};
 
 use crate::batcher::Batcher;
 use crate::compute::{self, ComputePool};
@@ -175,7 +175,7 @@ impl Server {
             service,
             streams,
             method_kinds()?,
-            &transport_settings(&settings),
+            &settings.transport,
             signal,
         )
         .await;
@@ -196,14 +196,6 @@ impl Server {
             "drained"
         );
         Ok(report)
-    }
-}
-
-/// How the transport serves connections, from the server's settings.
-pub fn transport_settings(settings: &Settings) -> TransportSettings {
-    TransportSettings {
-        max_concurrent_streams: settings.max_concurrent_streams,
-        shutdown_grace: settings.shutdown_grace,
     }
 }
 

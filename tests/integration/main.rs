@@ -13,6 +13,10 @@ mod conformance;
 mod drain;
 // Batching, backpressure, deadlines and drain under load.
 mod load;
+// HTTP/2 driven by hand.
+mod raw;
+// The transport's limits and timeouts against clients that misbehave.
+mod transport;
 // The Open Inference Protocol (KServe v2) beside xent.v1, answer for answer.
 mod oip;
 // Metrics scraped by a real Prometheus; the deploy/ rules and dashboard run on it.

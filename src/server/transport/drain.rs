@@ -44,6 +44,19 @@ pub struct Cut(Arc<CutInner>);
 struct CutInner {
     token: CancellationToken,
     marks: Mutex<Vec<Weak<Mark>>>,
+    /// Why the connection is going, once the cut has fired.
+    why: OnceLock<Going>,
+}
+
+/// Why a connection stops taking requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Going {
+    /// The server is shutting down.
+    Shutdown,
+    /// The connection reached its maximum age: its client should reconnect.
+    Aged,
+    /// The connection was idle.
+    Idle,
 }
 
 /// Where one client-streaming stream stands at the cut: how many bytes of its body had
@@ -91,7 +104,8 @@ impl Cut {
     }
 
     /// Notes where every registered stream stands, then fires.
-    pub fn fire(&self) {
+    pub fn fire(&self, why: Going) {
+        let _ = self.0.why.set(why);
         let mut marks = self.0.marks.lock().expect("marks");
         for mark in marks.drain(..).filter_map(|m| m.upgrade()) {
             mark.set_limit();
@@ -107,6 +121,14 @@ impl Cut {
     /// Completes when it fires.
     pub fn fired_owned(&self) -> WaitForCancellationFutureOwned {
         self.0.token.clone().cancelled_owned()
+    }
+
+    /// The status that ends a stream at this cut.
+    pub fn status(&self) -> Status {
+        match self.0.why.get() {
+            Some(Going::Aged | Going::Idle) => aged(),
+            _ => draining(),
+        }
     }
 }
 
@@ -328,6 +350,7 @@ where
                 Body::new(Watch {
                     inner: body,
                     end_at_cut: Box::pin(cut.fired_owned()),
+                    cut: cut.clone(),
                     ended: false,
                 })
             }))
@@ -344,11 +367,21 @@ pub fn draining() -> Status {
     .into_status()
 }
 
+/// The status that ends a stream at the cut of a connection past its maximum age.
+pub fn aged() -> Status {
+    Error::Unavailable {
+        reason: "this connection reached its maximum age: it takes no more requests; send the rest on a new connection".into(),
+        retry_after: std::time::Duration::ZERO,
+    }
+    .into_status()
+}
+
 /// Health's Watch answer, ended with UNAVAILABLE once the cut has fired and it has
 /// nothing more to send.
 struct Watch {
     inner: Body,
     end_at_cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    cut: Cut,
     ended: bool,
 }
 
@@ -369,7 +402,7 @@ impl http_body::Body for Watch {
                 ready!(self.end_at_cut.as_mut().poll(cx));
                 self.ended = true;
                 let mut trailers = http::HeaderMap::new();
-                draining().add_header(&mut trailers)?;
+                self.cut.status().add_header(&mut trailers)?;
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
         };

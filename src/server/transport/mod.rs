@@ -23,10 +23,11 @@
 //! 4. a connection with no stream left closes with a lingering close (`wire`);
 //! 5. when the grace period runs out, whatever is left is dropped and reported.
 
+mod budget;
 mod conn;
 pub mod drain;
-mod web;
 mod stream;
+mod web;
 mod wire;
 
 use std::convert::Infallible;
@@ -40,17 +41,50 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::body::Body;
 
+use crate::metrics::Ended;
+pub use budget::default_limit as default_transit_budget;
 use conn::{Shared, serve_connection};
-pub use web::serve_http;
 use drain::{DrainLayer, MethodKinds, Streams};
+pub use web::serve_http;
 
-/// How connections are served.
-#[derive(Clone, Debug)]
+/// How connections are served: the limits and timeouts that keep any client from holding
+/// the server's memory, descriptors or time (each is a flag: src/config.rs).
+#[derive(Clone, Debug, PartialEq)]
 pub struct TransportSettings {
     /// HTTP/2 `MAX_CONCURRENT_STREAMS` of each connection.
     pub max_concurrent_streams: u32,
     /// Time the streams open at shutdown get to finish.
     pub shutdown_grace: Duration,
+    /// From accept to the client's HTTP/2 preface and SETTINGS.
+    pub handshake_timeout: Duration,
+    /// A connection with no stream for this long gets GOAWAY.
+    pub idle_timeout: Option<Duration>,
+    /// The server PINGs a connection this often...
+    pub keepalive_interval: Option<Duration>,
+    /// ...and closes it when a PING is not answered within this.
+    pub keepalive_timeout: Duration,
+    /// A connection this old (spread by up to 10 %) gets GOAWAY, so its client reconnects.
+    pub max_connection_age: Option<Duration>,
+    /// ...and is closed this much later.
+    pub max_connection_age_grace: Duration,
+    /// Connections open at once on a listener; more are closed as they come.
+    pub max_connections: usize,
+    /// A request message stalled half received, or an answer the client does not read, for
+    /// this long ends its call.
+    pub transfer_idle_timeout: Duration,
+    /// The deadline of a unary call whose client sets no `grpc-timeout`.
+    pub default_timeout: Duration,
+    /// Largest header block a call may send.
+    pub max_header_bytes: u32,
+    /// Bytes in transit (requests arriving, answers unwritten) past which calls are refused.
+    pub transit_budget: u64,
+}
+
+impl Default for TransportSettings {
+    /// xentd's defaults.
+    fn default() -> Self {
+        crate::config::Settings::default().transport
+    }
 }
 
 /// How long the connections made during a drain get, once it is over, to finish.
@@ -116,6 +150,7 @@ pub async fn serve(
         kinds,
         settings: Arc::new(settings.clone()),
         counts: streams.clone(),
+        budget: Arc::new(budget::Budget::new(settings.transit_budget)),
         draining: CancellationToken::new(),
         force: CancellationToken::new(),
         streams: TaskTracker::new(),
@@ -129,7 +164,11 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => {
                 if let Some(tcp) = backoff.accepted(accepted).await {
-                    connections.spawn(serve_connection(tcp, shared.clone()));
+                    if connections.len() >= settings.max_connections {
+                        refuse(tcp);
+                    } else {
+                        connections.spawn(serve_connection(tcp, shared.clone()));
+                    }
                 }
             }
         }
@@ -186,6 +225,28 @@ pub async fn serve(
     report.answered = streams.answered();
     report.reset = streams.reset();
     report
+}
+
+/// Closes a connection over the limit as it comes (its client sees the connection closed
+/// and, as gRPC clients do, tries again or elsewhere), counted and logged at most once a
+/// second.
+fn refuse(tcp: TcpStream) {
+    Ended::ConnectionLimit.count();
+    drop(tcp);
+    static LAST: std::sync::Mutex<Option<(std::time::Instant, u64)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().expect("refusal log");
+    let now = std::time::Instant::now();
+    match &mut *last {
+        Some((at, n)) if now.duration_since(*at) < Duration::from_secs(1) => *n += 1,
+        _ => {
+            let before = last.map_or(0, |(_, n)| n);
+            tracing::warn!(
+                refused_since_last_line = before + 1,
+                "connection limit reached: connections closed as they come (--max-connections)"
+            );
+            *last = Some((now, 0));
+        }
+    }
 }
 
 /// What the accept loop does when `accept` fails: a connection that died in the backlog is

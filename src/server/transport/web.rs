@@ -4,10 +4,13 @@
 //!
 //! A drain here is HTTP's own: at `shutdown`, a keep-alive HTTP/1.1 connection closes after
 //! the request in flight (or at once when idle), an HTTP/2 one gets GOAWAY, and `serve_http`
-//! returns once every connection is done or `grace` has passed.
+//! returns once every connection is done or the grace period has passed.
+//!
+//! The limits are the gRPC listener's flags: connections past `--max-connections` are closed
+//! as they come, a request's head must arrive within `--handshake-timeout-secs`, and HTTP/2
+//! connections are kept alive with PINGs.
 
 use std::future::Future;
-use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,20 +19,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::AcceptBackoff;
 use super::wire::Wire;
-
-/// The longest a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+use super::{AcceptBackoff, TransportSettings};
 
 /// Serves `router` on the connections of `listener` until `shutdown` completes, then lets
-/// the requests in flight finish for at most `grace`.
+/// the requests in flight finish for at most the shutdown grace.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
-    grace: Duration,
+    settings: &TransportSettings,
     shutdown: impl Future<Output = ()>,
 ) {
+    let grace = settings.shutdown_grace;
     let draining = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut backoff = AcceptBackoff::default();
@@ -37,7 +38,13 @@ pub async fn serve_http(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(settings.handshake_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -47,6 +54,10 @@ pub async fn serve_http(
                 let Some(tcp) = backoff.accepted(accepted).await else {
                     continue;
                 };
+                if connections.len() >= settings.max_connections {
+                    super::refuse(tcp);
+                    continue;
+                }
                 let (builder, draining) = (builder.clone(), draining.clone());
                 let service = TowerToHyperService::new(router.clone());
                 connections.spawn(async move {
