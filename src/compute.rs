@@ -53,13 +53,16 @@ impl ComputePool {
         let (tx, rx) = oneshot::channel();
         let span = tracing::Span::current();
         self.pool.spawn(move || {
-            let _entered = span.enter();
-            let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-                Err(Error::Internal(format!(
-                    "kernel panicked: {}",
-                    panic_message(&panic)
-                )))
+            let result = span.in_scope(|| {
+                catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+                    Err(Error::Internal(format!(
+                        "kernel panicked: {}",
+                        panic_message(&panic)
+                    )))
+                })
             });
+            // The caller's span is let go before the caller can go on (see batcher::dispatch).
+            drop(span);
             // The receiver is gone when the caller went away; nothing to do then.
             let _ = tx.send(result);
         });

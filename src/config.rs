@@ -210,12 +210,14 @@ pub struct Config {
     pub log_format: String,
 
     /// OTLP/gRPC collector to export traces to, e.g. `http://127.0.0.1:4317` (needs a build
-    /// with the `otel` feature; empty: no export).
+    /// with the `otel` feature; empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, else no export).
     #[arg(long, env = "XENT_OTLP_ENDPOINT", default_value = "")]
     pub otlp_endpoint: String,
 
-    /// `service.name` of exported traces.
-    #[arg(long, env = "XENT_SERVICE_NAME", default_value = "xentd")]
+    /// `service.name` of exported traces (empty: OTEL_SERVICE_NAME, else `service.name` in
+    /// OTEL_RESOURCE_ATTRIBUTES, else `xentd`).
+    #[arg(long, env = "XENT_SERVICE_NAME", default_value = "")]
     pub service_name: String,
 
     /// Log filter in `tracing` EnvFilter syntax (RUST_LOG, if set, takes precedence).
@@ -254,7 +256,7 @@ impl Config {
             json: self.log_format == "json",
             ansi,
             otlp_endpoint: (!self.otlp_endpoint.is_empty()).then(|| self.otlp_endpoint.clone()),
-            service_name: self.service_name.clone(),
+            service_name: (!self.service_name.is_empty()).then(|| self.service_name.clone()),
         }
     }
 }

@@ -1,15 +1,20 @@
 //! Every metric xentd exports: its name (a constant here, nowhere else), its unit and help
-//! text, and the Prometheus exporter on its own HTTP listener.
+//! text, and the Prometheus exposition that the metrics listener serves ([`router`]).
 //!
 //! Recording goes through the `metrics` facade, so code that records knows nothing of
 //! Prometheus; without an installed recorder (embedded servers, tests) recording is a no-op.
 //! Label values come from closed sets (`method`, gRPC `code`, shed and close reasons), never
 //! from request data.
 
-use std::net::SocketAddr;
+mod process;
 
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tonic::Code;
 
 use crate::error::Error;
@@ -67,6 +72,23 @@ pub const VERIFIED_ROWS: &str = "xent_verified_rows_total";
 pub const VERIFY_MAX_ERROR_RATIO: &str = "xent_verify_max_error_ratio";
 /// 1, labelled with the `version` and the CPU `features` the kernel can use.
 pub const BUILD_INFO: &str = "xent_build_info";
+
+// The process metrics of Prometheus' own clients, read from /proc when scraped
+// (`process.rs`).
+/// User and system CPU time, in seconds.
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+/// Open file descriptors.
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+/// The soft limit on open file descriptors.
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// Virtual memory size, in bytes.
+pub const PROCESS_VIRTUAL: &str = "process_virtual_memory_bytes";
+/// Resident memory size, in bytes.
+pub const PROCESS_RESIDENT: &str = "process_resident_memory_bytes";
+/// Start time, in seconds since the Unix epoch.
+pub const PROCESS_START: &str = "process_start_time_seconds";
+/// OS threads.
+pub const PROCESS_THREADS: &str = "process_threads";
 
 /// Why the transport ended or refused a connection or a call (the `why` label of
 /// [`TRANSPORT_ENDED`]).
@@ -346,27 +368,33 @@ const COUNTS: &[f64] = &[
     16384.0, 32768.0, 65536.0,
 ];
 
-/// Installs the process-wide Prometheus recorder and serves `/metrics` on `addr`. Call once,
-/// from within the tokio runtime.
-pub fn install(addr: SocketAddr) -> Result<(), Error> {
+/// How often the recorder's histograms are compacted (what the exporter's own listener
+/// would do).
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder, and returns the handle that renders it.
+/// Call once, from within the tokio runtime.
+pub fn install() -> Result<PrometheusHandle, Error> {
     let err = |e: metrics_exporter_prometheus::BuildError| {
         Error::Internal(format!("metrics exporter: {e}"))
     };
-    let (recorder, exporter) = PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
         .map_err(err)?
         .set_buckets_for_metric(Matcher::Suffix("_rows".into()), COUNTS)
         .map_err(err)?
         .set_buckets_for_metric(Matcher::Full(BATCH_REQUESTS.into()), COUNTS)
         .map_err(err)?
-        .build()
-        .map_err(err)?;
+        .build_recorder();
+    let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| Error::Internal(format!("metrics recorder: {e}")))?;
+    let upkeep = handle.clone();
     tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(error = ?e, "the metrics listener stopped");
+        let mut every = tokio::time::interval(UPKEEP);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
         }
     });
     describe();
@@ -379,7 +407,40 @@ pub fn install(addr: SocketAddr) -> Result<(), Error> {
         metrics::counter!(name).absolute(0);
     }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "features" => cpu_features()).set(1.0);
-    Ok(())
+    Ok(handle)
+}
+
+/// The metrics listener's routes: `GET /metrics`, the exposition (xent's metrics, then the
+/// process metrics); `GET /health`, `OK` (a probe that costs no rendering); anything else,
+/// 404, so a mistyped scrape path fails the target instead of passing for it.
+pub fn router(handle: PrometheusHandle) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .route("/health", axum::routing::get(|| async { "OK" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try /metrics\n") })
+        .with_state(handle)
+}
+
+/// The content type of Prometheus' text format.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `GET /metrics`, rendered on a blocking thread (rendering every histogram takes a while and
+/// must not hold up the I/O thread's other connections).
+async fn scrape(State(handle): State<PrometheusHandle>) -> axum::response::Response {
+    let rendered = tokio::task::spawn_blocking(move || {
+        let mut text = handle.render();
+        process::render(&mut text);
+        text
+    })
+    .await;
+    match rendered {
+        Ok(text) => ([(header::CONTENT_TYPE, TEXT_FORMAT)], text).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -106,6 +106,10 @@ fn run(job: Job, rows: usize, shared: &Shared) -> usize {
     shared
         .stats
         .computed(ev.kind, rows, ev.elements(), infer, output);
+    // Let go of the call's span before the caller has its answer: the span then closes with
+    // the call, so an exported trace is complete when the caller sees the answer, and a
+    // process that exits once its calls are answered exports every span.
+    drop(span);
     reply.send();
     // After the caller has its answer: sampling never delays it.
     if let (Some(v), Some(sample)) = (&shared.verifier, sample) {

@@ -16,14 +16,6 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    let _telemetry = match xent::telemetry::init(&config.telemetry(std::io::stderr().is_terminal()))
-    {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("xentd: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let settings = match config.validate() {
         Ok(s) => s,
         Err(e) => {
@@ -31,7 +23,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.io_threads)
         .thread_name("xent-io")
@@ -44,6 +35,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime: the OTLP exporter's gRPC channel is made on it.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        xent::telemetry::init(&config.telemetry(std::io::stderr().is_terminal()))
+    };
+    let telemetry = match telemetry {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("xentd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "starting");
+    let code = serve(&runtime, settings);
+    // Flushes the last spans while the runtime that carries the exporter's channel still runs.
+    drop(telemetry);
+    code
+}
+
+/// Runs the server on `runtime` until a signal has drained it.
+fn serve(runtime: &tokio::runtime::Runtime, settings: xent::config::Settings) -> ExitCode {
     runtime.block_on(async move {
         let shutdown = match shutdown_signal() {
             Ok(s) => s,
@@ -59,20 +71,28 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Some(addr) = settings.metrics_listen {
-            if let Err(e) = xent::metrics::install(addr) {
-                eprintln!("xentd: cannot serve metrics on {addr}: {e}");
-                return ExitCode::FAILURE;
+        // The metrics listener answers until the server has drained: scrapes during a drain
+        // see it.
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let metrics = match settings.metrics_listen {
+            Some(addr) => {
+                match serve_metrics(addr, &settings.transport, metrics_stop.clone()).await {
+                    Ok(task) => Some(task),
+                    Err(e) => {
+                        eprintln!("xentd: cannot serve metrics on {addr}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
-            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-        }
+            None => None,
+        };
         let addr = listener
             .local_addr()
             .map_or_else(|_| settings.listen.to_string(), |a| a.to_string());
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, "listening");
-        match xent::server::serve(listener, settings, shutdown).await {
+        let code = match xent::server::serve(listener, settings, shutdown).await {
             Ok(_) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -81,8 +101,44 @@ fn main() -> ExitCode {
                 tracing::error!(error = %e, "server failed");
                 ExitCode::FAILURE
             }
+        };
+        metrics_stop.cancel();
+        if let Some(task) = metrics {
+            let _ = task.await;
         }
+        code
     })
+}
+
+/// How long a scrape in flight at exit gets to finish.
+const METRICS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Installs the metrics recorder and serves `/metrics` on `addr` until `stop` is cancelled,
+/// under the gRPC listener's connection limits and timeouts.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    transport: &xent::server::transport::TransportSettings,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let handle = xent::metrics::install().map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    let transport = xent::server::transport::TransportSettings {
+        shutdown_grace: METRICS_GRACE,
+        ..transport.clone()
+    };
+    Ok(tokio::spawn(async move {
+        xent::server::transport::serve_http(
+            listener,
+            xent::metrics::router(handle),
+            &transport,
+            stop.cancelled_owned(),
+        )
+        .await;
+    }))
 }
 
 /// Completes on the first SIGINT or SIGTERM. The handlers are installed here, at once, not

@@ -14,26 +14,115 @@ use crate::error::Error;
 use crate::eval::{Evaluated, Evaluation, LossKind};
 use crate::metrics as m;
 
+/// One RPC as metrics, logs and traces name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Rpc {
+    /// The fully qualified gRPC service, e.g. `xent.v1.Xent` (`rpc.service`).
+    pub service: &'static str,
+    /// The method, e.g. `Evaluate`: the `method` label of metrics and field of the span, and
+    /// `rpc.method`.
+    pub method: &'static str,
+    /// `service/method`, the span's name in OpenTelemetry (the RPC conventions' name).
+    pub path: &'static str,
+}
+
+/// xent.v1's unary call.
+pub(super) const EVALUATE: Rpc = Rpc {
+    service: "xent.v1.Xent",
+    method: "Evaluate",
+    path: "xent.v1.Xent/Evaluate",
+};
+/// xent.v1's bidirectional stream (one span per request of the stream).
+pub(super) const EVALUATE_STREAM: Rpc = Rpc {
+    service: "xent.v1.Xent",
+    method: "EvaluateStream",
+    path: "xent.v1.Xent/EvaluateStream",
+};
+/// The Open Inference Protocol's inference call.
+pub(super) const MODEL_INFER: Rpc = Rpc {
+    service: "inference.GRPCInferenceService",
+    method: "ModelInfer",
+    path: "inference.GRPCInferenceService/ModelInfer",
+};
+/// The Open Inference Protocol's bidirectional stream (one span per request of the stream).
+pub(super) const MODEL_STREAM_INFER: Rpc = Rpc {
+    service: "inference.GRPCInferenceService",
+    method: "ModelStreamInfer",
+    path: "inference.GRPCInferenceService/ModelStreamInfer",
+};
+
+/// The `rpc` span with today's fields, and `$($otel)*` before them.
+macro_rules! rpc_span {
+    ($rpc:expr, $request_id:expr, $($otel:tt)*) => {
+        tracing::info_span!(
+            "rpc",
+            $($otel)*
+            method = $rpc.method,
+            request_id = %$request_id,
+            loss = field::Empty,
+            dtype = field::Empty,
+            shape = field::Empty,
+            rows = field::Empty,
+            code = field::Empty,
+            queue_wait_ms = field::Empty,
+            compute_ms = field::Empty,
+        )
+    };
+}
+
 /// The span of one call; its trace continues the caller's when `metadata` carries one.
+///
+/// When spans are exported it is also an OpenTelemetry SERVER span named after the method's
+/// path and carrying the RPC semantic conventions (`rpc.system`, `rpc.service`, `rpc.method`,
+/// and `rpc.grpc.status_code` once answered, set by [`record_code`]), which tracing back
+/// ends use to draw service graphs and derive call metrics. Without export those fields
+/// would only be noise in the logs and cost on every call, so the span is then the plain one.
 pub(super) fn rpc_span(
-    method: &'static str,
+    rpc: Rpc,
     request_id: &str,
     metadata: &tonic::metadata::MetadataMap,
 ) -> tracing::Span {
-    let span = tracing::info_span!(
-        "rpc",
-        method,
-        request_id = %request_id,
-        loss = field::Empty,
-        dtype = field::Empty,
-        shape = field::Empty,
-        rows = field::Empty,
-        code = field::Empty,
-        queue_wait_ms = field::Empty,
-        compute_ms = field::Empty,
+    if !crate::telemetry::exporting() {
+        return rpc_span!(rpc, request_id,);
+    }
+    let span = rpc_span!(
+        rpc,
+        request_id,
+        otel.name = rpc.path,
+        otel.kind = "server",
+        otel.status_code = field::Empty,
+        rpc.system = "grpc",
+        rpc.service = rpc.service,
+        rpc.method = rpc.method,
+        rpc.grpc.status_code = field::Empty,
     );
     crate::telemetry::continue_trace(&span, metadata);
     span
+}
+
+/// Whether a server span answered with `code` is an error in OpenTelemetry's gRPC
+/// conventions: only the codes that say the server failed. A refused request (an invalid
+/// argument, a deadline the client set too short to meet) is the caller's doing; its span
+/// status stays unset.
+fn is_server_error(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
+}
+
+/// Records the answer's `code` on a call's span: `code` (the label), and, on an exported
+/// span, `rpc.grpc.status_code` (the number) and the OpenTelemetry status. Recording a field
+/// a span lacks does nothing.
+pub(super) fn record_code(span: &tracing::Span, code: tonic::Code) {
+    span.record("code", m::code_label(code));
+    if crate::telemetry::exporting() {
+        span.record("rpc.grpc.status_code", code as i64);
+        if is_server_error(code) {
+            span.record("otel.status_code", "error");
+        }
+    }
 }
 
 /// Where a call goes and what is known of it before it is decoded.
@@ -41,7 +130,7 @@ pub(super) struct Call {
     /// The batcher that computes it.
     pub batcher: Batcher,
     /// The RPC, as metrics and spans label it.
-    pub method: &'static str,
+    pub rpc: Rpc,
     /// Its `rpc` span.
     pub span: tracing::Span,
     /// Protobuf-encoded size of the request.
@@ -70,7 +159,7 @@ impl Call {
     {
         let Call {
             batcher,
-            method,
+            rpc,
             span,
             received_bytes,
             arrived,
@@ -80,7 +169,7 @@ impl Call {
         let _in_flight = InFlight::enter();
         // Counts the call as CANCELLED if the client goes away and this future is dropped.
         let mut record = CallRecord {
-            method,
+            method: rpc.method,
             arrived,
             model: None,
             batcher: batcher.clone(),
@@ -97,7 +186,8 @@ impl Call {
             span.record("loss", ev.kind.name());
             span.record("dtype", ev.tensors.dtype().name());
             span.record("shape", field::debug(&ev.shape));
-            span.record("rows", ev.layout.rows());
+            // As i64: an exported span then carries an integer (a u64 is exported as text).
+            span.record("rows", ev.layout.rows() as i64);
             metrics::histogram!(m::REQUEST_ROWS).record(ev.layout.rows() as f64);
             // Refused before computing when its data alone cannot be sent.
             room.check(answer_bytes_at_least(&ev), false)?;
@@ -114,7 +204,7 @@ impl Call {
         let code = result
             .as_ref()
             .map_or_else(Error::code, |_| tonic::Code::Ok);
-        span.record("code", m::code_label(code));
+        record_code(&span, code);
         record.finish(code);
         if let Ok(resp) = &result {
             metrics::counter!(m::SENT_BYTES).increment(resp.encoded_len() as u64);
@@ -184,5 +274,33 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rpc_is_named_as_the_protos_name_it() {
+        for rpc in [EVALUATE, EVALUATE_STREAM, MODEL_INFER, MODEL_STREAM_INFER] {
+            assert_eq!(rpc.path, format!("{}/{}", rpc.service, rpc.method));
+            let path = format!("/{}", rpc.path);
+            assert!(
+                crate::proto::METHODS.contains(&(path.as_str(), rpc.method)),
+                "{path} is an RPC of proto/"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_servers_failures_are_span_errors() {
+        assert!(is_server_error(tonic::Code::Internal));
+        assert!(is_server_error(tonic::Code::Unavailable));
+        assert!(is_server_error(tonic::Code::DeadlineExceeded));
+        assert!(!is_server_error(tonic::Code::Ok));
+        assert!(!is_server_error(tonic::Code::InvalidArgument));
+        assert!(!is_server_error(tonic::Code::ResourceExhausted));
+        assert!(!is_server_error(tonic::Code::Cancelled));
     }
 }

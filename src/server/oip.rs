@@ -24,7 +24,7 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 use super::arrival::arrived;
-use super::call::{Call, rpc_span};
+use super::call::{Call, MODEL_INFER, MODEL_STREAM_INFER, Rpc, rpc_span};
 use super::deadline::deadline;
 use super::message_size::AnswerRoom;
 use crate::api::oip;
@@ -106,7 +106,7 @@ impl OipService {
 /// Runs one request of either inference RPC as a [`Call`].
 async fn infer(
     batcher: Batcher,
-    method: &'static str,
+    rpc: Rpc,
     span: tracing::Span,
     req: ModelInferRequest,
     arrived: Instant,
@@ -115,7 +115,7 @@ async fn infer(
 ) -> Result<ModelInferResponse, Error> {
     let call = Call {
         batcher,
-        method,
+        rpc,
         span,
         received_bytes: req.encoded_len(),
         arrived,
@@ -188,17 +188,16 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        const METHOD: &str = "ModelInfer";
         let arrived: Instant = arrived(&request);
         let deadline = deadline(request.metadata(), arrived, self.default_timeout);
-        let span = rpc_span(METHOD, &request.get_ref().id, request.metadata());
+        let span = rpc_span(MODEL_INFER, &request.get_ref().id, request.metadata());
         let room = AnswerRoom {
             bytes: self.max_message_bytes,
             in_stream: false,
         };
         let out = infer(
             self.batcher.clone(),
-            METHOD,
+            MODEL_INFER,
             span,
             request.into_inner(),
             arrived,
@@ -215,7 +214,6 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        const METHOD: &str = "ModelStreamInfer";
         let batcher = self.batcher.clone();
         let per_request = self.default_timeout;
         let max_message = self.max_message_bytes;
@@ -231,13 +229,13 @@ impl GrpcInferenceService for OipService {
                     let (id, model_name) = (req.id.clone(), req.model_name.clone());
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
-                    let span = rpc_span(METHOD, &id, &metadata);
+                    let span = rpc_span(MODEL_STREAM_INFER, &id, &metadata);
                     let room = AnswerRoom {
                         bytes: max_message,
                         in_stream: true,
                     };
                     let answer =
-                        infer(batcher, METHOD, span, req, now, now + per_request, room).await;
+                        infer(batcher, MODEL_STREAM_INFER, span, req, now, now + per_request, room).await;
                     Ok(match answer {
                         Ok(resp) => ModelStreamInferResponse {
                             error_message: String::new(),

@@ -9,7 +9,7 @@ use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::arrival::arrived;
-use super::call::{Call, rpc_span};
+use super::call::{Call, EVALUATE, EVALUATE_STREAM, Rpc, rpc_span};
 use super::deadline::deadline;
 use super::message_size::AnswerRoom;
 use crate::api;
@@ -47,7 +47,7 @@ impl XentService {
     /// fit in `room`.
     async fn evaluate_one(
         batcher: Batcher,
-        method: &'static str,
+        rpc: Rpc,
         span: tracing::Span,
         req: proto::EvaluateRequest,
         arrived: Instant,
@@ -56,7 +56,7 @@ impl XentService {
     ) -> Result<proto::EvaluateResponse, Error> {
         let call = Call {
             batcher,
-            method,
+            rpc,
             span,
             received_bytes: req.encoded_len(),
             arrived,
@@ -82,14 +82,10 @@ impl Xent for XentService {
     ) -> Result<Response<proto::EvaluateResponse>, Status> {
         let arrived = arrived(&request);
         let deadline = deadline(request.metadata(), arrived, self.default_timeout);
-        let span = rpc_span(
-            "Evaluate",
-            &request.get_ref().request_id,
-            request.metadata(),
-        );
+        let span = rpc_span(EVALUATE, &request.get_ref().request_id, request.metadata());
         let out = Self::evaluate_one(
             self.batcher.clone(),
-            "Evaluate",
+            EVALUATE,
             span,
             request.into_inner(),
             arrived,
@@ -124,7 +120,7 @@ impl Xent for XentService {
                     let id = req.request_id.clone();
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
-                    let span = rpc_span("EvaluateStream", &id, &metadata);
+                    let span = rpc_span(EVALUATE_STREAM, &id, &metadata);
                     // Field 1 (`request_id`) takes its share of the limit.
                     let room = AnswerRoom {
                         bytes: max_message.saturating_sub(if id.is_empty() {
@@ -136,7 +132,7 @@ impl Xent for XentService {
                     };
                     let result = match Self::evaluate_one(
                         batcher,
-                        "EvaluateStream",
+                        EVALUATE_STREAM,
                         span,
                         req,
                         now,

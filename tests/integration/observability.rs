@@ -396,6 +396,16 @@ fn check_prometheus(web: SocketAddr, metrics: SocketAddr, promtool: &Path, prom_
         ("xent_calls_in_flight", 0.0),
         ("xent_queue_requests", 0.0),
         ("xent_queue_bytes", 0.0),
+        // The process metrics, scraped like any other.
+        (
+            r#"process_resident_memory_bytes{job="xentd"} > bool 1e6"#,
+            1.0,
+        ),
+        (r#"process_open_fds{job="xentd"} > bool 0"#, 1.0),
+        (
+            r#"time() - process_start_time_seconds{job="xentd"} < bool 600"#,
+            1.0,
+        ),
         (
             &format!(
                 r#"xent_build_info{{version="{}",features=~".+"}}"#,
@@ -554,4 +564,172 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
         Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
         _ => {}
     }
+}
+
+/// The samples of an exposition, by series (name and labels as written).
+fn samples(body: &str) -> std::collections::HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `Name: value` of `/proc/<pid>/status`, read by the test itself.
+fn proc_status(pid: u32, key: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_process_metrics_and_404_elsewhere() {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let (child, endpoint) = crate::common::spawn_xentd(
+        &[
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--io-threads",
+            "2",
+            "--compute-threads",
+            "2",
+        ],
+        Stdio::null(),
+    );
+    let pid = child.id();
+    let xentd = Running(child);
+    let mut client: Client = xent::proto::xent_client::XentClient::connect(endpoint)
+        .await
+        .expect("connect");
+    for i in 0..20 {
+        client
+            .evaluate(request(&format!("p-{i}"), VALID))
+            .await
+            .expect("answered");
+    }
+
+    let scrape = move || {
+        let (status, body) = get(metrics, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let (body, threads_seen) = tokio::task::spawn_blocking(move || {
+        let body = scrape();
+        (body, proc_status(pid, "Threads"))
+    })
+    .await
+    .unwrap();
+    let s = samples(&body);
+    let v = |name: &str| {
+        *s.get(name)
+            .unwrap_or_else(|| panic!("{name} in the exposition:\n{body}"))
+    };
+    for (name, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+        ("process_threads", "gauge"),
+    ] {
+        assert!(
+            body.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} typed {kind}:\n{body}"
+        );
+    }
+    let rss = v("process_resident_memory_bytes");
+    assert!((1e6..8e9).contains(&rss), "resident {rss}");
+    assert!(v("process_virtual_memory_bytes") >= rss);
+    let kib = proc_status(pid, "VmRSS") * 1024.0;
+    assert!(
+        (rss - kib).abs() < 0.5 * kib,
+        "resident {rss} bytes, /proc says {kib}"
+    );
+    let (open, max) = (v("process_open_fds"), v("process_max_fds"));
+    assert!(open >= 5.0 && open < max, "open fds {open} of {max}");
+    let cpu = v("process_cpu_seconds_total");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = v("process_start_time_seconds");
+    // The kernel's boot time is in whole seconds, the start in 10 ms ticks after it.
+    assert!(
+        start >= started - 2.0 && start <= now + 1.0,
+        "started at {start}, between {started} and {now}"
+    );
+    assert!(
+        cpu >= 0.0 && cpu <= (now - start + 1.0) * 64.0,
+        "cpu seconds {cpu} after {} s",
+        now - start
+    );
+    // Two I/O threads, two compute threads, the main thread; the test's own count, read
+    // right after the scrape, agrees (give or take a blocking-pool thread coming or going).
+    let threads = v("process_threads");
+    assert!(threads >= 5.0, "threads {threads}");
+    assert!(
+        (threads - threads_seen).abs() <= 2.0,
+        "threads {threads}: /proc/{pid}/status says {threads_seen}"
+    );
+    // xent's own metrics are still there.
+    assert_eq!(
+        s.get(r#"xent_calls_total{method="Evaluate",code="OK"}"#),
+        Some(&20.0),
+        "{body}"
+    );
+
+    // CPU time grows with work (it is counted in 10 ms ticks: a few calls may not show).
+    let big = EvaluateRequest {
+        request_id: "big".into(),
+        loss: LossKind::SparseSoftmaxCrossEntropy as i32,
+        logits: Some(encode(&[64, 4096], vec![0.5f32; 64 * 4096], true)),
+        labels: Some(encode(&[64], vec![1i64; 64], true)),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        for _ in 0..20 {
+            client.evaluate(big.clone()).await.expect("answered");
+        }
+        let later =
+            tokio::task::spawn_blocking(move || samples(&scrape())["process_cpu_seconds_total"])
+                .await
+                .unwrap();
+        if later > cpu {
+            break;
+        }
+        assert!(
+            later == cpu && Instant::now() < deadline,
+            "cpu seconds went from {cpu} to {later}"
+        );
+    }
+
+    let checks = tokio::task::spawn_blocking(move || {
+        assert_eq!(
+            get(metrics, "/health").expect("GET /health"),
+            (200, "OK".into())
+        );
+        for path in ["/", "/other", "/metrics/extra", "/metricsx"] {
+            let (status, _) = get(metrics, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+            assert_eq!(status, 404, "GET {path}");
+        }
+    });
+    checks
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    let status = tokio::task::spawn_blocking(move || xentd.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "xentd exits 0: {status:?}");
 }
