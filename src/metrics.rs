@@ -47,6 +47,8 @@ pub const SHED: &str = "xent_shed_total";
 /// Streams and connections still open when a drain's grace period ran out, cut off, by
 /// `what` (`streams`, `connections`).
 pub const DRAIN_CUT: &str = "xent_drain_cut_total";
+/// Calls whose handling panicked, answered INTERNAL by the handlers' backstop, by `method`.
+pub const PANICS: &str = "xent_panics_total";
 /// Non-finite values (NaN, +inf, -inf) seen in logits and labels.
 pub const NONFINITE_INPUTS: &str = "xent_nonfinite_inputs_total";
 /// Dense label rows whose sum is not 1 (within 1e-3 relative).
@@ -224,6 +226,11 @@ pub fn describe() {
         DRAIN_CUT,
         Unit::Count,
         "Streams and connections cut off when the shutdown grace period ran out, by what."
+    );
+    describe_counter!(
+        PANICS,
+        Unit::Count,
+        "Calls whose handling panicked (a bug), answered INTERNAL, by method."
     );
     describe_counter!(
         NONFINITE_INPUTS,

@@ -10,6 +10,7 @@
 mod arrival;
 mod call;
 mod deadline;
+mod gzip;
 mod message_size;
 mod oip;
 mod service;
@@ -169,6 +170,7 @@ impl Server {
             .layer(message_size::MessageSizeLayer::new(
                 settings.max_message_bytes,
             ))
+            .layer(gzip::GzipLayer::new(settings.max_message_bytes))
             .service(routes);
         let report = transport::serve(
             listener,

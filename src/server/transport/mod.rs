@@ -25,8 +25,8 @@
 
 mod conn;
 pub mod drain;
-mod web;
 mod stream;
+mod web;
 mod wire;
 
 use std::convert::Infallible;
@@ -41,8 +41,8 @@ use tokio_util::task::TaskTracker;
 use tonic::body::Body;
 
 use conn::{Shared, serve_connection};
-pub use web::serve_http;
 use drain::{DrainLayer, MethodKinds, Streams};
+pub use web::serve_http;
 
 /// How connections are served.
 #[derive(Clone, Debug)]
