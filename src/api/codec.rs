@@ -355,7 +355,7 @@ impl Dims {
                         None => return,
                     }
                 }
-                self.rank += packed.iter().filter(|&&b| b < 0x80).count();
+                self.rank += varints(packed);
             }
             Value::Fixed32 | Value::Fixed64 => {}
         }
@@ -394,11 +394,34 @@ impl Value<'_> {
     fn count(&self, kind: Kind) -> usize {
         match (self, kind) {
             (Value::Len(_), Kind::Bytes) => 1,
-            (Value::Len(b), Kind::Varint) => b.iter().filter(|&&x| x < 0x80).count(),
+            (Value::Len(b), Kind::Varint) => varints(b),
             (Value::Len(b), Kind::Fixed32) => b.len() / 4,
             (Value::Len(b), Kind::Fixed64) => b.len() / 8,
             _ => 1,
         }
+    }
+}
+
+/// The varints a packed run holds: its bytes without a continuation bit, counted eight at a
+/// time (a bomb's run is hundreds of megabytes).
+fn varints(b: &[u8]) -> usize {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let (head, words, tail) = bytemuck::pod_align_to::<u8, u64>(b);
+    let last = |s: &[u8]| s.iter().filter(|&&x| x < 0x80).count();
+    let mut continued = 0usize;
+    for w in words {
+        continued += (w & HIGH).count_ones() as usize;
+    }
+    last(head) + words.len() * 8 - continued + last(tail)
+}
+
+/// Pre-scans a request message of the RPC `method` (as `proto::METHODS` names it), for a
+/// layer that holds the message before tonic does (the gzip layer, after inflating).
+pub fn prescan_method(method: &str, message: &[u8]) -> Result<(), Error> {
+    match method {
+        "Evaluate" | "EvaluateStream" => proto::EvaluateRequest::prescan(message),
+        "ModelInfer" => inference::ModelInferRequest::prescan(message),
+        _ => Ok(()),
     }
 }
 
@@ -460,5 +483,100 @@ impl<'a> Iterator for Fields<'a> {
             *b = &[];
         }
         field
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::tensor::encode;
+
+    fn request(labels: proto::Tensor) -> proto::EvaluateRequest {
+        proto::EvaluateRequest {
+            logits: Some(encode(&[2, 3], vec![0f32; 6], false)),
+            labels: Some(labels),
+            ..Default::default()
+        }
+    }
+
+    fn scan(r: &proto::EvaluateRequest) -> Result<(), Error> {
+        proto::EvaluateRequest::prescan(&r.encode_to_vec())
+    }
+
+    #[test]
+    fn packed_varints_are_counted_whatever_their_alignment() {
+        for n in 0..40 {
+            for big in [false, true] {
+                let v: Vec<i64> = (0..n)
+                    .map(|k| if big && k % 3 == 0 { -1 } else { k })
+                    .collect();
+                let mut bytes = Vec::new();
+                for &x in &v {
+                    prost::encoding::encode_varint(x as u64, &mut bytes);
+                }
+                for skew in 0..8 {
+                    let mut shifted = vec![0x80u8; skew];
+                    shifted.extend_from_slice(&bytes);
+                    assert_eq!(varints(&shifted[skew..]), n as usize, "{n} {big} {skew}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn typed_data_is_checked_against_the_shape_packed_or_not() {
+        assert!(scan(&request(encode(&[2], vec![1i64, 2], false))).is_ok());
+        let long = request(encode(&[2], vec![1i64, 2, 3], false));
+        let e = scan(&long).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "labels has 3 elements in int64_data but its shape [2] holds 2; refused before decoding"
+        );
+        // The same field sent unpacked (one key per element), as prost also accepts.
+        let mut unpacked = proto::EvaluateRequest {
+            logits: long.logits.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut tensor = vec![0x08, proto::DType::DtypeInt64 as u8, 0x10, 0x02];
+        for x in [1u8, 2, 3] {
+            tensor.extend_from_slice(&[0x38, x]);
+        }
+        unpacked.push(0x22);
+        unpacked.push(tensor.len() as u8);
+        unpacked.extend_from_slice(&tensor);
+        assert!(proto::EvaluateRequest::decode(&unpacked[..]).is_ok());
+        assert!(proto::EvaluateRequest::prescan(&unpacked).is_err());
+        // Raw data is not amplified, and is left to the validation.
+        assert!(scan(&request(encode(&[2], vec![1i64, 2, 3], true))).is_ok());
+        // Malformed input passes the scan; the decoder refuses it.
+        assert!(proto::EvaluateRequest::prescan(&[0x22, 0x7f, 0x01]).is_ok());
+    }
+
+    #[test]
+    fn ranks_and_lists_are_bounded() {
+        let mut r = request(proto::Tensor {
+            dtype: proto::DType::DtypeInt64 as i32,
+            shape: vec![1; MAX_RANK + 1],
+            ..Default::default()
+        });
+        assert!(
+            scan(&r)
+                .unwrap_err()
+                .to_string()
+                .starts_with("labels has a shape of 65")
+        );
+        r.labels = Some(encode(&[2], vec![1i64, 2], false));
+        r.outputs = vec![1; MAX_LIST + 1];
+        assert_eq!(scan(&r).unwrap_err().field(), Some("outputs"));
+        r.outputs = vec![1; MAX_LIST];
+        assert!(scan(&r).is_ok());
+    }
+
+    #[test]
+    fn undecodable_bytes_are_invalid_argument_naming_the_request() {
+        let e = decode_checked::<proto::EvaluateRequest>(Bytes::from_static(&[0x0f])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.field(), Some("request"));
     }
 }

@@ -294,7 +294,14 @@ impl http_body::Body for Inflate {
                 let (limit, method, arrived) = (this.limit, this.method, this.arrived);
                 // Always on the blocking pool: a few compressed bytes can inflate to megabytes.
                 this.pending = Some(run(true, move || {
-                    inflate(&message, limit).map_err(|e| Inflate::refuse(method, arrived, e))
+                    // Pre-scanned here, before tonic copies the inflated message into its
+                    // own buffer on the I/O thread.
+                    inflate(&message, limit)
+                        .and_then(|m| {
+                            crate::api::codec::prescan_method(method, &m[5..])?;
+                            Ok(m)
+                        })
+                        .map_err(|e| Inflate::refuse(method, arrived, e))
                 }));
                 continue;
             }

@@ -443,7 +443,7 @@ async fn raw_call(endpoint: &str, path: &str, message: &[u8], gzip: bool) -> Raw
                 .sum::<usize>();
             let message = h
                 .get("grpc-message")
-                .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+                .map(|m| percent_decode(m.as_bytes()))
                 .unwrap_or_default();
             (s.to_str().unwrap().parse::<i32>().unwrap(), message, size)
         })
@@ -466,6 +466,27 @@ async fn raw_call(endpoint: &str, path: &str, message: &[u8], gzip: bool) -> Raw
         status_bytes: found.2,
         took: started.elapsed(),
     }
+}
+
+/// `grpc-message` as sent: percent-encoded UTF-8.
+fn percent_decode(b: &[u8]) -> String {
+    let mut out = Vec::with_capacity(b.len());
+    let mut k = 0;
+    while k < b.len() {
+        let hex = b
+            .get(k + 1..k + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        if b[k] == b'%'
+            && let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            k += 3;
+            continue;
+        }
+        out.push(b[k]);
+        k += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 const EVALUATE: &str = "/xent.v1.Xent/Evaluate";
@@ -522,49 +543,114 @@ fn gzip_bomb(zeros: usize) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-/// Checks health on its own connection every 10 ms until `stop`, and returns the slowest
-/// answer.
-async fn slowest_health(endpoint: String, stop: tokio::sync::watch::Receiver<bool>) -> Duration {
+/// Checks health on its own connection every 10 ms until `stop`, and returns how long each
+/// answer took, slowest first.
+async fn health_times(endpoint: String, stop: tokio::sync::watch::Receiver<bool>) -> Vec<Duration> {
     let channel = Channel::from_shared(endpoint)
         .unwrap()
         .connect()
         .await
         .unwrap();
     let mut h = HealthClient::new(channel);
-    let mut slowest = Duration::ZERO;
-    while !*stop.borrow() {
-        let t = Instant::now();
-        let r = h
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .expect("health answers");
-        assert_eq!(r.into_inner().status(), ServingStatus::Serving);
-        slowest = slowest.max(t.elapsed());
+    let request = || HealthCheckRequest {
+        service: String::new(),
+    };
+    // Measured from the warm-up's end (NOT_SERVING before it).
+    for _ in 0..1000 {
+        let r = h.check(request()).await.expect("health answers");
+        if r.into_inner().status() == ServingStatus::Serving {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    slowest
+    let mut times = Vec::new();
+    while !*stop.borrow() {
+        let t = Instant::now();
+        let r = h.check(request()).await.expect("health answers");
+        assert_eq!(r.into_inner().status(), ServingStatus::Serving);
+        times.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    times.sort_by(|a, b| b.cmp(a));
+    times
 }
 
-/// How long a health check may take while the attacks run. The goal is 50 ms; the bound is
-/// 200 ms because this runs beside the other tests on a loaded machine (and in a debug
-/// build). Before the fix, health waited for the whole attack: seconds.
+/// How long a health check may take while the attacks run, beyond what it takes on the
+/// same machine with no attack. The goal is 50 ms; the bound is 200 ms because this runs
+/// beside the other tests and other builds on a loaded machine (and in a debug build), and
+/// the machine's own delay, measured first, is added so that a busy machine does not fail
+/// the test. Before the fix, health waited for the whole attack: 1.4 s to 10.6 s.
 const HEALTH_BOUND: Duration = Duration::from_millis(200);
 
-/// A health check keeps answering while `attack` runs against a real xentd with one I/O
-/// thread; returns the slowest health answer.
-async fn health_during<F: std::future::Future<Output = ()>>(endpoint: &str, attack: F) -> Duration {
+/// The slowest health answer while nothing else runs, then every one while `attack` runs
+/// (slowest first), against a
+/// real xentd. The probe runs on its own thread and runtime, so that the test's own client
+/// work (building requests, inflating answers) cannot delay it.
+async fn health_during<F: std::future::Future<Output = ()>>(
+    endpoint: &str,
+    attack: F,
+) -> (Duration, Vec<Duration>) {
+    let probe = |stop: tokio::sync::watch::Receiver<bool>| {
+        let endpoint = endpoint.to_string();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(health_times(endpoint, stop))
+        })
+    };
+    let joined = |t: std::thread::JoinHandle<Vec<Duration>>| async move {
+        tokio::task::spawn_blocking(move || t.join().expect("probe"))
+            .await
+            .unwrap()
+    };
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let probe = tokio::spawn(slowest_health(endpoint.to_string(), rx));
+    let idle = probe(rx);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.send(true).unwrap();
+    let baseline = joined(idle).await[0];
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let busy = probe(rx);
     tokio::time::sleep(Duration::from_millis(50)).await;
     attack.await;
     tx.send(true).unwrap();
-    probe.await.unwrap()
+    (baseline, joined(busy).await)
+}
+
+/// Held by the tests that measure health under attack, so that they do not load the
+/// machine for each other.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Asserts that at most `hiccups` health answers under attack took longer than
+/// [`HEALTH_BOUND`] beyond the slowest idle one. A blocked I/O thread delays a probe for as
+/// long as each heavy operation lasts; a loaded test machine now and then delays one for
+/// other reasons, which `hiccups` allows for where there are several heavy operations.
+fn assert_health_kept_up(what: &str, (baseline, times): (Duration, Vec<Duration>), hiccups: usize) {
+    let slow = times
+        .iter()
+        .filter(|&&t| t >= HEALTH_BOUND + baseline)
+        .count();
+    eprintln!(
+        "{what}: {} health answers, slowest {:?}, {slow} over the bound (idle: {baseline:?})",
+        times.len(),
+        times.first()
+    );
+    assert!(
+        times.len() >= 5,
+        "{what}: too few health answers: {times:?}"
+    );
+    assert!(
+        slow <= hiccups,
+        "{what}: {slow} health answers over {:?}: {:?} (idle: {baseline:?})",
+        HEALTH_BOUND + baseline,
+        &times[..slow.min(10)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gzip_bomb_is_refused_quickly_and_health_keeps_answering() {
+    let _alone = MEASURING.lock().await;
     let bomb = gzip_bomb(250 * MIB);
     assert!(bomb.len() < 300_000, "{} bytes", bomb.len());
     // Within the message limit once inflated: refused by the pre-scan, before decoding.
@@ -581,7 +667,7 @@ async fn a_gzip_bomb_is_refused_quickly_and_health_keeps_answering() {
     );
     for _ in 0..2 {
         let mut answers = Vec::new();
-        let slowest = health_during(&endpoint, async {
+        let health = health_during(&endpoint, async {
             answers.push(raw_call(&endpoint, EVALUATE, &bomb, true).await);
         })
         .await;
@@ -593,15 +679,12 @@ async fn a_gzip_bomb_is_refused_quickly_and_health_keeps_answering() {
             "{}",
             a.message
         );
-        eprintln!(
-            "bomb within the limit: refused in {:?}, slowest health {slowest:?}",
-            a.took
-        );
+        eprintln!("bomb within the limit: refused in {:?}", a.took);
         assert!(a.took < Duration::from_secs(10), "{:?}", a.took);
-        assert!(slowest < HEALTH_BOUND, "health took {slowest:?}");
+        assert_health_kept_up("bomb within the limit", health, 0);
 
         let mut answers = Vec::new();
-        let slowest = health_during(&small_endpoint, async {
+        let health = health_during(&small_endpoint, async {
             answers.push(raw_call(&small_endpoint, EVALUATE, &bomb, true).await);
         })
         .await;
@@ -612,11 +695,9 @@ async fn a_gzip_bomb_is_refused_quickly_and_health_keeps_answering() {
             "{}",
             a.message
         );
-        eprintln!(
-            "bomb over the limit: refused in {:?}, slowest health {slowest:?}",
-            a.took
-        );
-        assert!(slowest < HEALTH_BOUND, "health took {slowest:?}");
+        eprintln!("bomb over the limit: refused in {:?}", a.took);
+        assert!(a.took < Duration::from_secs(10), "{:?}", a.took);
+        assert_health_kept_up("bomb over the limit", health, 0);
     }
     for c in [&mut child, &mut small] {
         let _ = c.kill();
@@ -626,7 +707,12 @@ async fn a_gzip_bomb_is_refused_quickly_and_health_keeps_answering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_gzip_answers_do_not_stall_health() {
-    let (mut child, endpoint) = spawn_xentd(&["--io-threads", "1"], std::process::Stdio::null());
+    let _alone = MEASURING.lock().await;
+    // One compute thread, so that the kernel leaves the I/O thread a core on a 2-core machine.
+    let (mut child, endpoint) = spawn_xentd(
+        &["--io-threads", "1", "--compute-threads", "1"],
+        std::process::Stdio::null(),
+    );
     let channel = Channel::from_shared(endpoint.clone())
         .unwrap()
         .connect()
@@ -636,8 +722,10 @@ async fn large_gzip_answers_do_not_stall_health() {
         .max_decoding_message_size(CLIENT_MAX_MESSAGE)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-    // 7.5M float32 logits: a 30 MB gradient, compressed by the server.
-    let (rows, classes) = (7500usize, 1000usize);
+    // 2M float32 logits: an 8 MB gradient, compressed by the server (tonic took 0.4 s of the
+    // I/O thread for each). Larger answers (30 MB) behave the same, but their client and
+    // kernel work load a 2-core test machine enough to make the timing noisy.
+    let (rows, classes) = (2000usize, 1000usize);
     let x: Vec<f32> = (0..rows * classes)
         .map(|k| ((k * 7919) % 1013) as f32 / 101.0)
         .collect();
@@ -645,8 +733,8 @@ async fn large_gzip_answers_do_not_stall_health() {
     r.logits = Some(encode(&[rows, classes], x, true));
     r.labels = Some(encode(&[rows], vec![3i64; rows], true));
     let mut times = Vec::new();
-    let slowest = health_during(&endpoint, async {
-        for _ in 0..2 {
+    let health = health_during(&endpoint, async {
+        for _ in 0..3 {
             let t = Instant::now();
             let resp = c.evaluate(r.clone()).await.expect("answered");
             let g = resp.into_inner().grad_logits.unwrap();
@@ -655,8 +743,9 @@ async fn large_gzip_answers_do_not_stall_health() {
         }
     })
     .await;
-    eprintln!("30 MB gzip answers in {times:?}, slowest health {slowest:?}");
-    assert!(slowest < HEALTH_BOUND, "health took {slowest:?}");
+    eprintln!("8 MB gzip answers in {times:?}");
+    // Three answers: a stall each would be three slow probes.
+    assert_health_kept_up("8 MB gzip answers", health, 1);
     let _ = child.kill();
     let _ = child.wait();
 }
