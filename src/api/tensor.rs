@@ -32,7 +32,7 @@ pub enum TensorError {
     },
     /// The element count (or its byte size) does not fit in memory addressing.
     #[error(
-        "has a shape {} whose element count is too large to address",
+        "has a shape {} whose element count overflows (its dimensions other than 0 multiplied, in bytes)",
         crate::echo::Shape(shape)
     )]
     ShapeOverflow {

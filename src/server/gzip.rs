@@ -10,7 +10,9 @@
 //! - **Requests**: when the call says `grpc-encoding: gzip`, each compressed message is
 //!   buffered whole (its compressed size is already bounded by `MessageSizeLayer`), inflated
 //!   on the blocking pool to at most `--max-message-bytes` (more: RESOURCE_EXHAUSTED, said as
-//!   soon as the limit is passed, without inflating the rest; corrupt: INVALID_ARGUMENT), and
+//!   soon as the limit is passed, without inflating the rest; corrupt: INVALID_ARGUMENT),
+//!   pre-scanned as the codec would ([`crate::api::codec::prescan_method`]: a bomb of packed
+//!   zeros is refused here, before tonic copies it into its buffer on the I/O thread), and
 //!   passed on as an uncompressed message, so tonic never inflates.
 //! - **Answers**: `gzip` is taken out of the request's `grpc-accept-encoding` so tonic sends
 //!   every answer uncompressed; this layer compresses each message itself (those of

@@ -516,6 +516,11 @@ async fn undecodable_protobuf_is_invalid_argument() {
             "{}",
             a.message
         );
+        assert!(
+            a.status_bytes < MAX_STATUS_BYTES,
+            "{} bytes",
+            a.status_bytes
+        );
     }
 }
 
