@@ -727,12 +727,18 @@ async fn large_gzip_answers_do_not_stall_health() {
         .max_decoding_message_size(CLIENT_MAX_MESSAGE)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-    // 2M float32 logits: an 8 MB gradient, compressed by the server (tonic took 0.4 s of the
-    // I/O thread for each). Larger answers (30 MB) behave the same, but their client and
-    // kernel work load a 2-core test machine enough to make the timing noisy.
-    let (rows, classes) = (2000usize, 1000usize);
+    // 7.5M float32 logits: a 30 MB gradient, compressed by the server (tonic took the I/O
+    // thread for 1.4 s for each in a release build).
+    let (rows, classes) = (7500usize, 1000usize);
+    // High-entropy values (an xorshift), so that gzip works as hard as on real gradients.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
     let x: Vec<f32> = (0..rows * classes)
-        .map(|k| ((k * 7919) % 1013) as f32 / 101.0)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 22) as f32
+        })
         .collect();
     let mut r = valid("big");
     r.logits = Some(encode(&[rows, classes], x, true));
@@ -748,9 +754,9 @@ async fn large_gzip_answers_do_not_stall_health() {
         }
     })
     .await;
-    eprintln!("8 MB gzip answers in {times:?}");
+    eprintln!("30 MB gzip answers in {times:?}");
     // Three answers: a stall each would be three slow probes.
-    assert_health_kept_up("8 MB gzip answers", health, 1);
+    assert_health_kept_up("30 MB gzip answers", health, 1);
     let _ = child.kill();
     let _ = child.wait();
 }
