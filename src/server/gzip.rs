@@ -323,7 +323,10 @@ impl http_body::Body for Inflate {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || (self.inner_done && self.pending.is_none() && self.frames.buf.is_empty())
+        self.failed
+            || (self.pending.is_none()
+                && self.frames.buf.is_empty()
+                && (self.inner_done || self.inner.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -399,8 +402,12 @@ impl http_body::Body for Deflate {
         }
     }
 
+    // An answer with nothing to send (an error, trailers-only) must say so at once, as tonic's
+    // own body does, or its status would follow an empty DATA frame that ends the stream.
     fn is_end_stream(&self) -> bool {
-        self.inner_done && self.pending.is_none() && self.frames.buf.is_empty()
+        self.pending.is_none()
+            && self.frames.buf.is_empty()
+            && (self.inner_done || self.inner.is_end_stream())
     }
 }
 
