@@ -55,6 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     methods += "]\n";
     std::fs::write(out.join("methods.rs"), methods)?;
     tonic_prost_build::configure()
+        // xent's codec: pre-scans requests, decodes and encodes large messages off the tokio
+        // worker, and refuses undecodable ones as INVALID_ARGUMENT (src/api/codec.rs).
+        .codec_path("crate::api::codec::XentCodec")
         // Tensor payloads decode as `bytes::Bytes` slices of the received frame: no copy.
         .bytes(".xent.v1.Tensor.raw_data")
         .bytes(".inference.ModelInferRequest.raw_input_contents")

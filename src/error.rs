@@ -10,6 +10,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::echo;
 use crate::kernel::KernelError;
 
 /// Why a call failed.
@@ -61,12 +62,26 @@ pub enum Error {
 }
 
 impl Error {
-    /// An [`Error::InvalidArgument`] for `field`.
+    /// An [`Error::InvalidArgument`] for `field`. A field name can come from the client (an
+    /// Open Inference Protocol input or parameter name), so it is kept bounded and escaped
+    /// ([`echo::name`]).
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+        let field = field.into();
+        let field = if field.len() > echo::MAX_CHARS || field.chars().any(char::is_control) {
+            echo::name(&field)
+        } else {
+            field
+        };
         Error::InvalidArgument {
-            field: field.into(),
+            field,
             reason: reason.into(),
         }
+    }
+
+    /// The message a status or log line carries: [`echo::message`]'s bound on the whole text,
+    /// whatever it was built from.
+    pub fn message(&self) -> String {
+        echo::message(&self.to_string())
     }
 
     /// The field at fault, if any.
@@ -102,13 +117,13 @@ impl Error {
 
     /// The gRPC status, with `google.rpc.BadRequest` or `RetryInfo` details where they apply.
     pub fn into_status(self) -> Status {
-        let message = self.to_string();
+        let message = self.message();
         let code = self.code();
         match self {
             Error::InvalidArgument { field, reason } => Status::with_error_details(
                 Code::InvalidArgument,
                 message,
-                ErrorDetails::with_bad_request_violation(field, reason),
+                ErrorDetails::with_bad_request_violation(field, echo::message(&reason)),
             ),
             Error::Unavailable { retry_after, .. } => Status::with_error_details(
                 Code::Unavailable,

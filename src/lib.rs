@@ -28,6 +28,7 @@
 //! - [`server`]: the tonic services, health, reflection, limits, shutdown.
 //! - [`client`]: a Rust client with ndarray in and out, used by the `xent` CLI.
 //! - [`loadgen`]: the load generator behind `xent bench`; [`cli`]: the CLI's shared vocabulary.
+//! - [`echo`]: bounded, escaped display of client input in errors and logs.
 //! - [`error`]: the one error enum and its mapping to gRPC status codes.
 //! - [`metrics`]: every exported metric's name and the Prometheus exporter.
 //! - [`cpus`]: the CPUs the process may use (cores and cgroup quota), for the default pools.
@@ -41,6 +42,7 @@ pub mod compute;
 pub mod config;
 pub mod cpus;
 pub mod dtype;
+pub mod echo;
 pub mod error;
 pub mod eval;
 pub mod kernel;

@@ -59,6 +59,8 @@ pub const TRANSIT_BYTES: &str = "xent_transit_bytes";
 /// Connections and calls the transport ended or refused for a limit or a timeout, by
 /// `why` (see [`Ended`]).
 pub const TRANSPORT_ENDED: &str = "xent_transport_ended_total";
+/// Calls whose handling panicked, answered INTERNAL by the handlers' backstop, by `method`.
+pub const PANICS: &str = "xent_panics_total";
 /// Non-finite values (NaN, +inf, -inf) seen in logits and labels.
 pub const NONFINITE_INPUTS: &str = "xent_nonfinite_inputs_total";
 /// Dense label rows whose sum is not 1 (within 1e-3 relative).
@@ -324,6 +326,11 @@ pub fn describe() {
         TRANSPORT_ENDED,
         Unit::Count,
         "Connections and calls ended or refused by a transport limit or timeout, by why."
+    );
+    describe_counter!(
+        PANICS,
+        Unit::Count,
+        "Calls whose handling panicked (a bug), answered INTERNAL, by method."
     );
     describe_counter!(
         NONFINITE_INPUTS,

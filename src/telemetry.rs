@@ -407,3 +407,71 @@ mod tests {
         );
     }
 }
+
+/// A log line that may repeat without bound (a call shed under load), let through at most
+/// [`LogLimit::PER_SECOND`] times a second; the next line let through after a second in which
+/// some were held back says how many (`suppressed`).
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    /// The second (since the process's first use of this limit) the counts are of.
+    second: std::sync::atomic::AtomicU64,
+    /// Lines let through in that second.
+    passed: std::sync::atomic::AtomicU64,
+    /// Lines held back since the last one let through.
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimit {
+    /// Lines let through a second.
+    pub const PER_SECOND: u64 = 10;
+
+    /// A limit with nothing counted.
+    pub const fn new() -> LogLimit {
+        LogLimit {
+            second: std::sync::atomic::AtomicU64::new(0),
+            passed: std::sync::atomic::AtomicU64::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to write the line now: `Some(lines held back before it)`, or `None`.
+    pub fn admit(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
+        self.admit_at(now)
+    }
+
+    fn admit_at(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.second.swap(now, Relaxed) != now {
+            self.passed.store(0, Relaxed);
+        }
+        if self.passed.fetch_add(1, Relaxed) < Self::PER_SECOND {
+            Some(self.held.swap(0, Relaxed))
+        } else {
+            self.held.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_limit_tests {
+    use super::LogLimit;
+
+    #[test]
+    fn lines_past_the_rate_are_counted_and_reported_by_the_next_one() {
+        let l = LogLimit::new();
+        for _ in 0..LogLimit::PER_SECOND {
+            assert_eq!(l.admit_at(5), Some(0));
+        }
+        for _ in 0..7 {
+            assert_eq!(l.admit_at(5), None);
+        }
+        assert_eq!(l.admit_at(6), Some(7));
+        assert_eq!(l.admit_at(6), Some(0));
+    }
+}

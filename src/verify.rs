@@ -190,7 +190,7 @@ fn check(ev: &Evaluation, out: &Evaluated, stats: &VerifyStats) {
     metrics::counter!(m::VERIFIED_ROWS).increment(rows);
     metrics::gauge!(m::VERIFY_MAX_ERROR_RATIO).set(max);
     if err > 1.0 {
-        tracing::warn!(request_id = %ev.request_id, error = err, "a verified answer is outside the contract's tolerance");
+        tracing::warn!(request_id = %crate::echo::Id(&ev.request_id), error = err, "a verified answer is outside the contract's tolerance");
     }
 }
 

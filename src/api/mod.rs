@@ -3,12 +3,15 @@
 //! [`crate::eval::Evaluation`] and encodes the domain's computed outputs into its answers;
 //! the transport above knows nothing of the math, and the domain below knows no protocol.
 //!
+//! - [`codec`]: the protobuf codec of the generated services: a pre-scan refusing what
+//!   would decode to more than its shapes use, large messages handled off the tokio worker.
 //! - [`decode`](mod@decode): an `EvaluateRequest` to a validated evaluation.
 //! - [`encode`]: computed outputs to an `EvaluateResponse`.
 //! - [`convert`]: xent.v1's enums, options and tensor fields to the domain's and back, once.
 //! - [`tensor`]: xent.v1's `Tensor` to the domain's tensors and back.
 //! - [`oip`]: the Open Inference Protocol, translated to the same validation.
 
+pub mod codec;
 pub mod convert;
 pub mod decode;
 pub mod encode;

@@ -31,7 +31,10 @@ pub enum TensorError {
         dim: i64,
     },
     /// The element count (or its byte size) does not fit in memory addressing.
-    #[error("has a shape {shape:?} whose element count overflows")]
+    #[error(
+        "has a shape {} whose element count overflows (its dimensions other than 0 multiplied, in bytes)",
+        crate::echo::Shape(shape)
+    )]
     ShapeOverflow {
         /// The shape as received.
         shape: Vec<i64>,
@@ -50,7 +53,10 @@ pub enum TensorError {
         expected: &'static str,
     },
     /// The data does not have as many elements as the shape says.
-    #[error("has {got} {unit} of data but shape {shape:?} with dtype {dtype} needs {want}")]
+    #[error(
+        "has {got} {unit} of data but shape {} with dtype {dtype} needs {want}",
+        crate::echo::Shape(shape)
+    )]
     WrongLength {
         /// The shape.
         shape: Vec<usize>,
@@ -91,25 +97,30 @@ pub fn dtype_to_proto(d: DType) -> proto::DType {
 }
 
 /// Checks a shape and returns it as `usize` with its element count.
+///
+/// The element count must fit, and so must the product of the dimensions other than zero,
+/// times the element size: ndarray (and so every view the kernel and the validation take)
+/// refuses a shape whose nonzero dimensions overflow `isize` in bytes even when one dimension
+/// is zero, so `[0, 2^62, 4]`, which holds no element, is refused here rather than met there.
 pub fn checked_shape(shape: &[i64], dtype: DType) -> Result<(Vec<usize>, usize), TensorError> {
+    let overflow = || TensorError::ShapeOverflow {
+        shape: shape.to_vec(),
+    };
     let mut dims = Vec::with_capacity(shape.len());
-    let mut count: usize = 1;
+    let mut nonzero: usize = 1;
     for (pos, &dim) in shape.iter().enumerate() {
         let d = usize::try_from(dim).map_err(|_| TensorError::NegativeDim { pos, dim })?;
-        count = count
-            .checked_mul(d)
-            .ok_or_else(|| TensorError::ShapeOverflow {
-                shape: shape.to_vec(),
-            })?;
+        if d != 0 {
+            nonzero = nonzero.checked_mul(d).ok_or_else(overflow)?;
+        }
         dims.push(d);
     }
     // The byte size must be addressable too (and within isize for slices).
-    count
+    nonzero
         .checked_mul(dtype.size())
         .filter(|&b| b <= isize::MAX as usize)
-        .ok_or_else(|| TensorError::ShapeOverflow {
-            shape: shape.to_vec(),
-        })?;
+        .ok_or_else(overflow)?;
+    let count = if dims.contains(&0) { 0 } else { nonzero };
     Ok((dims, count))
 }
 
@@ -264,6 +275,7 @@ pub fn encode_buf<T: WireElement>(shape: &[usize], data: Buf<T>, raw: bool) -> p
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Just;
 
     fn f32_tensor(shape: Vec<i64>, raw: Vec<u8>) -> proto::Tensor {
         proto::Tensor {
@@ -315,6 +327,48 @@ mod tests {
         let mut t = f32_tensor(vec![1], vec![0; 4]);
         t.dtype = 99;
         assert_eq!(decode(Some(t)).unwrap_err(), TensorError::UnknownDType(99));
+    }
+
+    #[test]
+    fn shapes_whose_nonzero_dims_overflow_are_refused_even_when_empty() {
+        for dtype in [DType::F16, DType::F32, DType::F64, DType::I64] {
+            for shape in [
+                vec![0, 1 << 62, 4],
+                vec![1 << 62, 0, 4],
+                vec![0, i64::MAX],
+                vec![0, 1 << 31, 1 << 31, 1 << 2],
+                vec![i64::MAX, i64::MAX, 0],
+            ] {
+                let e = checked_shape(&shape, dtype).unwrap_err();
+                assert!(matches!(e, TensorError::ShapeOverflow { .. }), "{shape:?}");
+            }
+        }
+        assert_eq!(checked_shape(&[0, 1 << 20, 4], DType::F32).unwrap().1, 0);
+        assert_eq!(checked_shape(&[], DType::F32).unwrap(), (vec![], 1));
+        assert_eq!(checked_shape(&[3, 0], DType::F32).unwrap(), (vec![3, 0], 0));
+    }
+
+    proptest::proptest! {
+        /// Whatever the shape, `checked_shape` either refuses it or returns a shape that
+        /// ndarray takes and an element count equal to its product.
+        #[test]
+        fn checked_shapes_are_ones_ndarray_takes(
+            shape in proptest::collection::vec(
+                proptest::prop_oneof![
+                    Just(0i64), 1i64..5, Just(1i64 << 31), Just(1i64 << 62), Just(i64::MAX), Just(-1i64)
+                ],
+                0..6,
+            ),
+        ) {
+            if let Ok((dims, count)) = checked_shape(&shape, DType::F64) {
+                let product: u128 = dims.iter().map(|&d| d as u128).product();
+                proptest::prop_assert_eq!(product, count as u128);
+                let view = ndarray::ArrayViewD::<f64>::from_shape(ndarray::IxDyn(&dims), &[]);
+                if count == 0 {
+                    proptest::prop_assert!(view.is_ok(), "{:?}", dims);
+                }
+            }
+        }
     }
 
     #[test]

@@ -39,8 +39,9 @@ pub trait Named: Copy + Sized + 'static {
     fn parse_name(name: &str) -> Result<Self, String> {
         Self::from_name(name).ok_or_else(|| {
             format!(
-                "unknown {} {name:?}; expected {}",
+                "unknown {} {}; expected {}",
                 Self::WHAT,
+                crate::echo::Quoted(name),
                 Self::names_or()
             )
         })

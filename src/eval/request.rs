@@ -15,6 +15,7 @@ use super::{
     Wanted,
 };
 use crate::dtype::DType;
+use crate::echo::Shape;
 use crate::error::Error;
 use crate::kernel::{self, KernelError, Layout};
 use crate::tensor::{AnyTensor, TensorElement};
@@ -185,7 +186,8 @@ impl Request {
             return Err(Error::invalid(
                 "logits",
                 format!(
-                    "has shape {shape:?} whose class axis {axis} has length 0; at least one class is needed"
+                    "has shape {} whose class axis {axis} has length 0; at least one class is needed",
+                    Shape(&shape)
                 ),
             ));
         }
@@ -211,8 +213,8 @@ impl Request {
                     return Err(Error::invalid(
                         "class_weights",
                         format!(
-                            "has shape {:?}; expected [{}], one weight per class",
-                            w.shape(),
+                            "has shape {}; expected [{}], one weight per class",
+                            Shape(w.shape()),
                             layout.classes
                         ),
                     ));
@@ -232,8 +234,9 @@ impl Request {
                     Error::invalid(
                         "sample_weights",
                         format!(
-                            "has shape {:?}, which does not broadcast to the loss shape {loss_shape:?}",
-                            w.shape()
+                            "has shape {}, which does not broadcast to the loss shape {}",
+                            Shape(w.shape()),
+                            Shape(&loss_shape)
                         ),
                     )
                 })?;
@@ -252,8 +255,9 @@ impl Request {
                     return Err(Error::invalid(
                         "upstream",
                         format!(
-                            "has shape {:?}; it must have the returned loss's shape {returned_shape:?} (reduction {})",
-                            g.shape(),
+                            "has shape {}; it must have the returned loss's shape {} (reduction {})",
+                            Shape(g.shape()),
+                            Shape(&returned_shape),
                             options.reduction
                         ),
                     ));
@@ -314,9 +318,9 @@ fn dense_inputs(logits: AnyTensor, labels: AnyTensor) -> Result<Tensors, Error> 
         return Err(Error::invalid(
             "labels",
             format!(
-                "has shape {:?}; dense labels must have the logits' shape {:?}",
-                labels.shape(),
-                logits.shape()
+                "has shape {}; dense labels must have the logits' shape {}",
+                Shape(labels.shape()),
+                Shape(logits.shape())
             ),
         ));
     }
@@ -358,7 +362,9 @@ fn sparse_inputs(
         return Err(Error::invalid(
             "labels",
             format!(
-                "has shape {id_shape:?}; class ids must have the logits' shape without the class axis, {loss_shape:?}"
+                "has shape {}; class ids must have the logits' shape without the class axis, {}",
+                Shape(&id_shape),
+                Shape(loss_shape)
             ),
         ));
     }
@@ -374,7 +380,10 @@ fn sparse_inputs(
             .unwrap_or_default();
         return Err(Error::invalid(
             "labels",
-            format!("class id {value} at index {index:?} is out of range [0, {classes}){ignore}"),
+            format!(
+                "class id {value} at index {} is out of range [0, {classes}){ignore}",
+                Shape(&index)
+            ),
         ));
     }
     fn with<T: TensorElement>(x: AnyTensor, ids: ClassIds) -> Option<Inputs<T>> {

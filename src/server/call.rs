@@ -4,8 +4,10 @@
 //! decode a request and encode an answer; everything an operator sees of a call is done here,
 //! once, the same way for each.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use futures::FutureExt as _;
 use tracing::{Instrument, field};
 
 use super::message_size::{AnswerRoom, answer_bytes_at_least};
@@ -58,7 +60,9 @@ macro_rules! rpc_span {
             "rpc",
             $($otel)*
             method = $rpc.method,
-            request_id = %$request_id,
+            // Bounded and escaped: the span is made before the id's length is checked, and a
+            // newline in it would forge a log line.
+            request_id = %crate::echo::Id($request_id),
             loss = field::Empty,
             dtype = field::Empty,
             shape = field::Empty,
@@ -177,7 +181,7 @@ impl Call {
         };
         metrics::counter!(m::RECEIVED_BYTES).increment(received_bytes as u64);
         let model = &mut record.model;
-        let result = async {
+        let work = async {
             let started = Instant::now();
             let (ev, schedule, context) = tracing::debug_span!("decode").in_scope(decode)?;
             batcher.stats().validated(ev.kind, started.elapsed());
@@ -199,8 +203,25 @@ impl Call {
             room.check(answer.encoded_len(), true)?;
             Ok(answer)
         }
-        .instrument(span.clone())
-        .await;
+        .instrument(span.clone());
+        // The backstop: a panic anywhere in the call (a bug; every input is meant to be
+        // refused before it can cause one) answers this call INTERNAL and is counted as such,
+        // instead of unwinding into the transport, which would reset the stream (an
+        // `EvaluateStream` with every answer after it) and count a client cancellation.
+        let result = match AssertUnwindSafe(work).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                metrics::counter!(m::PANICS, "method" => rpc.method).increment(1);
+                let what = crate::echo::message(&panic_message(&panic));
+                span.in_scope(
+                    || tracing::error!(panic = %what, "a call panicked; answered INTERNAL"),
+                );
+                Err(Error::Internal(
+                    "the server failed on this request (a bug, logged); the server keeps serving"
+                        .into(),
+                ))
+            }
+        };
         let code = result
             .as_ref()
             .map_or_else(Error::code, |_| tonic::Code::Ok);
@@ -211,11 +232,20 @@ impl Call {
         }
         span.in_scope(|| match &result {
             Ok(_) => tracing::debug!("evaluated"),
-            Err(e) => tracing::info!(error = %e, "refused"),
+            // Shed calls come in floods when a replica is overloaded: rate-limited.
+            Err(e @ Error::Unavailable { .. }) => {
+                if let Some(suppressed) = SHED_LOG.admit() {
+                    tracing::info!(error = %e.message(), suppressed, "refused");
+                }
+            }
+            Err(e) => tracing::info!(error = %e.message(), "refused"),
         });
         result
     }
 }
+
+/// The log lines of calls shed with UNAVAILABLE.
+static SHED_LOG: crate::telemetry::LogLimit = crate::telemetry::LogLimit::new();
 
 /// Records a call in [`m::CALLS`] and [`m::CALL_DURATION`] once, and in its model's
 /// statistics once its model is known: with its code when it is answered, or as CANCELLED
@@ -277,6 +307,14 @@ impl Drop for InFlight {
     }
 }
 
+/// What a panic said, if it said it as a string.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +340,52 @@ mod tests {
         assert!(!is_server_error(tonic::Code::InvalidArgument));
         assert!(!is_server_error(tonic::Code::ResourceExhausted));
         assert!(!is_server_error(tonic::Code::Cancelled));
+    }
+
+    use std::time::Duration;
+
+    use crate::compute::ComputePool;
+    use crate::proto::EvaluateResponse;
+
+    fn call(batcher: &Batcher) -> Call {
+        Call {
+            batcher: batcher.clone(),
+            rpc: EVALUATE,
+            span: tracing::Span::none(),
+            received_bytes: 0,
+            arrived: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(10),
+            room: AnswerRoom {
+                bytes: 1 << 20,
+                in_stream: false,
+            },
+        }
+    }
+
+    /// A panic while a call is decoded or encoded is that call's INTERNAL answer, and the
+    /// calls after it are served as before.
+    #[tokio::test]
+    async fn a_panic_is_answered_internal_and_the_next_call_is_served() {
+        let settings = crate::config::Settings::default();
+        let batcher = Batcher::start(ComputePool::new(1).unwrap(), settings.batcher, None);
+        let decode_panics = call(&batcher)
+            .run(
+                || -> Result<(Evaluation, Schedule, ()), Error> { panic!("decoding failed") },
+                |(), _, _| -> Result<EvaluateResponse, Error> { unreachable!() },
+            )
+            .await;
+        let e = decode_panics.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e}");
+        let request = || crate::compute::warm_up_request().map(|ev| (ev, Schedule::default(), ()));
+        let encode_panics = call(&batcher)
+            .run(request, |(), _, _| -> Result<EvaluateResponse, Error> {
+                panic!("encoding failed")
+            })
+            .await;
+        assert_eq!(encode_panics.unwrap_err().code(), tonic::Code::Internal);
+        let fine = call(&batcher)
+            .run(request, |(), ev, out| crate::api::response(ev, out))
+            .await;
+        assert!(fine.is_ok(), "{fine:?}");
     }
 }

@@ -172,7 +172,7 @@ impl Limited {
             self.limit
         ));
         // As the handlers log every call not answered OK (no handler sees this one).
-        tracing::info!(method = self.method, code = "RESOURCE_EXHAUSTED", error = %e, "refused");
+        tracing::info!(method = self.method, code = "RESOURCE_EXHAUSTED", error = %e.message(), "refused");
         e.into_status()
     }
 }

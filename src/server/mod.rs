@@ -11,6 +11,7 @@ mod arrival;
 pub mod auth;
 mod call;
 mod deadline;
+mod gzip;
 mod message_size;
 mod oip;
 pub mod reload;
@@ -198,6 +199,7 @@ impl Server {
             .layer(message_size::MessageSizeLayer::new(
                 settings.max_message_bytes,
             ))
+            .option_layer(gzip.then(|| gzip::GzipLayer::new(settings.max_message_bytes)))
             .service(routes);
         // The health-only plaintext listener serves until the drain is over, so probes read
         // NOT_SERVING throughout it.

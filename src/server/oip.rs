@@ -234,8 +234,16 @@ impl GrpcInferenceService for OipService {
                         bytes: max_message,
                         in_stream: true,
                     };
-                    let answer =
-                        infer(batcher, MODEL_STREAM_INFER, span, req, now, now + per_request, room).await;
+                    let answer = infer(
+                        batcher,
+                        MODEL_STREAM_INFER,
+                        span,
+                        req,
+                        now,
+                        now + per_request,
+                        room,
+                    )
+                    .await;
                     Ok(match answer {
                         Ok(resp) => ModelStreamInferResponse {
                             error_message: String::new(),

@@ -117,7 +117,13 @@ impl Xent for XentService {
                 let metadata = metadata.clone();
                 async move {
                     let req = item?;
-                    let id = req.request_id.clone();
+                    // Echoed with the answer only when it is a valid id: an over-long one is
+                    // refused, and its refusal is not made as long as it.
+                    let id = if req.request_id.len() <= crate::eval::MAX_REQUEST_ID_BYTES {
+                        req.request_id.clone()
+                    } else {
+                        String::new()
+                    };
                     // Each request of a stream arrives when it is received.
                     let now = Instant::now();
                     let span = rpc_span(EVALUATE_STREAM, &id, &metadata);

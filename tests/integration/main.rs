@@ -11,6 +11,9 @@ mod common;
 mod conformance;
 // Shutdown under load: every accepted stream answered, new callers told at once, exit 0.
 mod drain;
+// Hostile input: overflowing shapes, megabyte strings, log forgery, gzip bombs, undecodable
+// bytes; bounded answers and a health check that keeps answering.
+mod hostile;
 // Batching, backpressure, deadlines and drain under load.
 mod load;
 // HTTP/2 driven by hand.

@@ -454,3 +454,44 @@ fn a_bad_certificate_file_stops_xentd_with_a_message_naming_its_flag() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--tls-cert"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_gzip_can_be_turned_off() {
+    use crate::raw::{Raw, answer, grpc_frame};
+    let server = TestServer::with_settings(Settings {
+        compute_threads: 2,
+        security: SecuritySettings {
+            reflection: false,
+            gzip: false,
+            ..Settings::default().security
+        },
+        ..Settings::default()
+    })
+    .await;
+    let mut raw = Raw::connect(server.addr).await;
+    let (resp, mut body) = raw
+        .open("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        .await
+        .unwrap();
+    let _ = body.send_data(
+        grpc_frame(&tonic_health::pb::HealthCheckRequest::default()),
+        true,
+    );
+    assert_eq!(answer(resp).await.status, Code::Unimplemented);
+    // A gzip request: refused, since the server does not accept gzip.
+    let mut client = server
+        .client()
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let err = client
+        .evaluate(crate::drain::request(1, 10, "gz"))
+        .await
+        .expect_err("gzip is off");
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    // Uncompressed, served.
+    let mut client = server.client().await;
+    client
+        .evaluate(crate::drain::request(1, 10, "plain"))
+        .await
+        .unwrap();
+}

@@ -931,3 +931,36 @@ def test_reflection_describes_xent(channel):
     pb.DESCRIPTOR.CopyToProto(local)
     assert {m.name for m in served.message_type} == {m.name for m in local.message_type}
     assert {e.name for e in served.enum_type} == {e.name for e in local.enum_type}
+
+
+# --- gzip, both ways ----------------------------------------------------------------------------
+
+
+def test_gzip_requests_and_answers_with_grpcio(xentd):
+    """grpcio compresses its requests and accepts gzip answers; xentd inflates and deflates them
+    off its I/O thread (src/server/gzip.rs). Answers decode to the same values, unary and
+    streamed, small and above the 64 KiB offload threshold."""
+    with grpc.insecure_channel(xentd.address, compression=grpc.Compression.Gzip) as gz:
+        stub = stubs.grpc.XentStub(gz)
+        response = evaluate(stub, make_request(WORKED_LOGITS, WORKED_LABELS, sparse=False))
+        loss = decode(response.loss, dtype=np.dtype(np.float32), shape=(2,))
+        np.testing.assert_allclose(loss, WORKED_LOSSES, rtol=3e-5)
+        rng = np.random.default_rng(7)
+        logits, ids = random_case(rng, (64, 1000), sparse=True)
+        request = make_request(logits.astype(np.float32), ids, sparse=True)
+        expected = reference(logits.astype(np.float32), ids, sparse=True)
+        check_response(
+            evaluate(stub, request), expected, dtype_name="float32", logits_shape=(64, 1000)
+        )
+        answers = list(stub.EvaluateStream(iter([request, request]), timeout=RPC_TIMEOUT_S))
+        assert [a.WhichOneof("result") for a in answers] == ["response", "response"]
+        check_response(
+            answers[1].response, expected, dtype_name="float32", logits_shape=(64, 1000)
+        )
+        # Typed data longer than the shape: refused from the inflated bytes.
+        bad = make_request(WORKED_LOGITS, np.array([1, 2], np.int64), sparse=True, typed=True)
+        bad.labels.int64_data.extend([0] * 100_000)
+        with pytest.raises(grpc.RpcError) as e:
+            evaluate(stub, bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("labels has 100002 elements in int64_data")

@@ -19,6 +19,7 @@ use super::{Reply, model, option_value, parameter_type, parse_datatype};
 use crate::api::{convert, tensor};
 use crate::batcher::Schedule;
 use crate::dtype::DType;
+use crate::echo;
 use crate::error::Error;
 use crate::eval::{Evaluation, Input, LossKind, Named, OptionName, Output};
 use crate::proto;
@@ -196,7 +197,11 @@ fn options(
         };
         let value = option_value(name.kind(), p).map_err(|bad| {
             let reason = match bad {
-                Some(s) => format!("is {s:?}; expected {}", crate::eval::Reduction::names_or()),
+                Some(s) => format!(
+                    "is {}; expected {}",
+                    echo::Quoted(&s),
+                    crate::eval::Reduction::names_or()
+                ),
                 None => format!(
                     "is {}; expected {}",
                     describe(p),
@@ -267,7 +272,7 @@ fn describe(v: Option<&ParameterChoice>) -> String {
         None => "unset".into(),
         Some(ParameterChoice::BoolParam(b)) => format!("bool_param {b}"),
         Some(ParameterChoice::Int64Param(i)) => format!("int64_param {i}"),
-        Some(ParameterChoice::StringParam(s)) => format!("string_param {s:?}"),
+        Some(ParameterChoice::StringParam(s)) => format!("string_param {}", echo::Quoted(s)),
         Some(ParameterChoice::DoubleParam(d)) => format!("double_param {d}"),
         Some(ParameterChoice::Uint64Param(u)) => format!("uint64_param {u}"),
     }
@@ -287,7 +292,10 @@ fn input_tensor(input: InferInputTensor, raw: Option<Bytes>) -> Result<proto::Te
     let dtype = parse_datatype(&datatype).ok_or_else(|| {
         Error::invalid(
             name.clone(),
-            format!("has datatype {datatype:?}; expected FP16, BF16, FP32, FP64, INT32 or INT64"),
+            format!(
+                "has datatype {}; expected FP16, BF16, FP32, FP64, INT32 or INT64",
+                echo::Quoted(&datatype)
+            ),
         )
     })?;
     let mut t = proto::Tensor {
@@ -373,7 +381,8 @@ fn input_parameters(
             return Err(Error::invalid(
                 name,
                 format!(
-                    "has parameter {key:?}; xentd takes only binary_data_size on inputs (shared memory is not supported: send the data in the request)"
+                    "has parameter {}; xentd takes only binary_data_size on inputs (shared memory is not supported: send the data in the request)",
+                    echo::Quoted(key)
                 ),
             ));
         }
@@ -425,8 +434,8 @@ fn requested_outputs(
             return Err(Error::invalid(
                 "outputs",
                 format!(
-                    "asks for {:?}, which is not an output of model {}; its outputs are {}",
-                    o.name,
+                    "asks for {}, which is not an output of model {}; its outputs are {}",
+                    echo::Quoted(&o.name),
                     model.name(),
                     names(model.outputs().iter().copied())
                 ),
@@ -435,15 +444,15 @@ fn requested_outputs(
         if wanted.contains(&name) {
             return Err(Error::invalid(
                 "outputs",
-                format!("asks for {:?} more than once", o.name),
+                format!("asks for {} more than once", echo::Quoted(&o.name)),
             ));
         }
         if !o.parameters.is_empty() {
             return Err(Error::invalid(
                 "outputs",
                 format!(
-                    "gives parameters for {:?}; xentd's outputs take none",
-                    o.name
+                    "gives parameters for {}; xentd's outputs take none",
+                    echo::Quoted(&o.name)
                 ),
             ));
         }

@@ -36,6 +36,7 @@ pub use decode::decode;
 pub use encode::{HEALTH_PARAMETERS, response};
 
 use crate::dtype::DType;
+use crate::echo;
 use crate::error::Error;
 #[cfg(doc)]
 use crate::eval::Evaluation;
@@ -134,12 +135,15 @@ pub fn model(name: &str, version: &str) -> Result<LossKind, Error> {
         .find(|k| k.name() == name)
         .ok_or_else(|| {
             Error::NotFound(format!(
-                "model {name:?} is not served here; the models are softmax_cross_entropy and sparse_softmax_cross_entropy"
+                "model {} is not served here; the models are softmax_cross_entropy and sparse_softmax_cross_entropy",
+                echo::Quoted(name)
             ))
         })?;
     if !(version.is_empty() || version == MODEL_VERSION) {
         return Err(Error::NotFound(format!(
-            "model {name:?} has no version {version:?}; its only version is {MODEL_VERSION:?}"
+            "model {} has no version {}; its only version is {MODEL_VERSION:?}",
+            echo::Quoted(name),
+            echo::Quoted(version)
         )));
     }
     Ok(kind)
