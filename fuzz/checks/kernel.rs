@@ -7,8 +7,9 @@
 //! Logits are drawn in the dtype: any finite bit pattern, small values, zeros, the dtype's
 //! extremes, and (in one case in eight) infinities and NaN, compared as contract §6 says. The
 //! oracle is given them exactly widened. Labels, weights and upstream gradients stay moderate,
-//! so that a gradient stored in a half type is in its range (a value the oracle gives beyond
-//! the dtype's range may come back as that infinity); probabilities (`from_logits = false`)
+//! so that a gradient stored in a half type is in its range (a loss or gradient the oracle
+//! gives beyond the dtype's range may come back as that infinity, as it is answered in the
+//! dtype); probabilities (`from_logits = false`)
 //! are positive and at most 1e6. Class ids are in range, the ignore index, or now and then
 //! out of range, which the kernel must refuse, naming the first.
 
@@ -378,6 +379,8 @@ fn run<T: Element>(c: &Case, skip_known: bool) {
     };
     let want = reference::evaluate(&problem).expect("the oracle refused a valid problem");
     let tol = tolerance(T::DTYPE);
+    // Losses and gradients are answered in the dtype: beyond its range they are infinities.
+    let max = max_of(T::DTYPE);
 
     // Per example, a bound on `sum_j |y'_j|`, the size of the terms of its loss and gradients.
     let w = c
@@ -397,7 +400,7 @@ fn run<T: Element>(c: &Case, skip_known: bool) {
             for (r, (&g, &v)) in l.iter().zip(&want.loss).enumerate() {
                 let allowed = tol.rel * v.abs() + tol.abs * sample(r) * mass[r];
                 assert!(
-                    matches(g, v, allowed, f64::MAX),
+                    matches(g, v, allowed, max),
                     "loss of example {r}: kernel {g:e}, oracle {v:e}, allowed {allowed:e}"
                 );
             }
@@ -412,7 +415,7 @@ fn run<T: Element>(c: &Case, skip_known: bool) {
             };
             let allowed = tol.rel * v.abs() + scaled;
             assert!(
-                matches(*g, v, allowed, f64::MAX),
+                matches(*g, v, allowed, max),
                 "reduced loss: kernel {g:e}, oracle {v:e}, allowed {allowed:e}"
             );
         }
@@ -421,7 +424,6 @@ fn run<T: Element>(c: &Case, skip_known: bool) {
             c.options.reduction
         ),
     }
-    let max = max_of(T::DTYPE);
     for (what, got, wanted) in [
         (
             "grad_logits",
