@@ -4,14 +4,14 @@
 //! comparison rules of the kernel's property tests: NaN matches only NaN, an infinity only
 //! itself, and each value's allowance scales with the size of the terms it was computed from.
 //!
-//! Logits are drawn in the dtype: any finite bit pattern, small values, zeros, the dtype's
-//! extremes, and (in one case in eight) infinities and NaN, compared as contract §6 says. The
-//! oracle is given them exactly widened. Labels, weights and upstream gradients stay moderate,
-//! so that a gradient stored in a half type is in its range (a loss or gradient the oracle
-//! gives beyond the dtype's range may come back as that infinity, as it is answered in the
-//! dtype); probabilities (`from_logits = false`)
-//! are positive and at most 1e6. Class ids are in range, the ignore index, or now and then
-//! out of range, which the kernel must refuse, naming the first.
+//! Logits are drawn in the dtype: any finite bit pattern (within 1e300 for float64), small
+//! values, zeros, the dtype's extremes, and (in one case in eight) infinities and NaN,
+//! compared as contract §6 says. The oracle is given them exactly widened. Labels, weights and
+//! upstream gradients stay moderate, so that a gradient stored in a half type is in its range
+//! (a loss or gradient the oracle gives beyond the dtype's range may come back as that
+//! infinity, as it is answered in the dtype); probabilities (`from_logits = false`) are
+//! positive and at most 1e6. Class ids are in range, the ignore index, or now and then out of
+//! range, which the kernel must refuse, naming the first.
 
 use half::{bf16, f16};
 use xent::kernel::dtype::{DType, Element};
@@ -68,7 +68,22 @@ fn any_finite(d: &mut Draw<'_>, dtype: DType) -> f64 {
         DType::F32 => f32::from_bits(d.u32()) as f64,
         _ => f64::from_bits(d.u64()),
     };
-    if v.is_finite() { v } else { 0.0 }
+    if v.is_finite() {
+        v.clamp(-largest_logit(dtype), largest_logit(dtype))
+    } else {
+        0.0
+    }
+}
+
+/// The dtype's largest value, but 1e300 for float64: the oracle computes in float64 too, and
+/// products of logits within a few powers of ten of its maximum overflow in it where the
+/// kernel, multiplying in another order, is finite (fuzz/regressions/kernel/
+/// float64_oracle_overflow).
+fn largest_logit(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e300,
+        _ => max_of(dtype),
+    }
 }
 
 fn logit(d: &mut Draw<'_>, dtype: DType, nonfinite: bool) -> f64 {
@@ -78,7 +93,7 @@ fn logit(d: &mut Draw<'_>, dtype: DType, nonfinite: bool) -> f64 {
         6 => 0.0,
         7 => {
             let sign = if d.bool() { -1.0 } else { 1.0 };
-            sign * max_of(dtype) / 2.0 * (1.0 + f64::from(d.u8()) / 256.0)
+            sign * largest_logit(dtype) / 2.0 * (1.0 + f64::from(d.u8()) / 256.0)
         }
         _ if nonfinite => d.choose(&[f64::NEG_INFINITY, f64::INFINITY, f64::NAN]),
         _ => f64::from(d.i16()),
