@@ -379,6 +379,20 @@ fn run<T: Element>(c: &Case, skip_known: bool) {
     if skip_known && !c.options.from_logits && (0..rows).any(zero_row) {
         return;
     }
+    // Known disagreement, not compared until it is settled: float32, float16 and bfloat16 rows
+    // whose logits span more than f32::MAX, where `x - m` overflows in the float32 the kernel
+    // computes in and a loss the oracle finds finite and in range comes back infinite
+    // (fuzz/regressions/kernel/float32_logit_span_overflow, an ignored test).
+    let span = |r: usize| {
+        let row = (0..classes)
+            .map(|j| x[at(r, j)].to_f64())
+            .filter(|v| v.is_finite());
+        let (lo, hi) = row.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        hi - lo
+    };
+    if skip_known && T::DTYPE != DType::F64 && (0..rows).any(|r| span(r) > f64::from(f32::MAX)) {
+        return;
+    }
     let widen = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
     let problem = RefProblem {
         shape: c.shape.clone(),
