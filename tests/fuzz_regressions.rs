@@ -32,6 +32,7 @@ use xent::proto::{self, EvaluateRequest, LossKind, Output};
 const KNOWN: &[(&str, &str)] = &[
     ("kernel", "zero_probability_row"),
     ("kernel", "float32_logit_span_overflow"),
+    ("kernel", "float32_loss_term_overflow"),
     ("xent_v1", "shape_overflow"),
 ];
 
@@ -115,6 +116,15 @@ fn kernel_float32_logit_span_overflow() {
         "float32_logit_span_overflow",
         kernel::check_strict,
     );
+}
+
+/// bfloat16 logits with a maximum of 1.73e38, dense labels `[-3.47, 1, 1, 1, 0, 0, 0]`: the
+/// oracle's loss is -1.27e38 (in range), the kernel's -inf, because the term
+/// `-3.47 * log_softmax` overflows the float32 it computes in.
+#[test]
+#[ignore = "a label times x - m overflows float32 though the loss is in range"]
+fn kernel_float32_loss_term_overflow() {
+    run_one("kernel", "float32_loss_term_overflow", kernel::check_strict);
 }
 
 #[test]
