@@ -476,7 +476,19 @@ fn run<T: Element>(c: &Case, skip_known: bool) {
                 .map(|j| wanted[at(r, j)])
                 .filter(|v| v.is_finite())
                 .fold(0.0f64, |a, v| a.max(v.abs()));
-            let scale = factor.abs() * 2.0 * m + row_max;
+            // Probabilities: the gradient is `(d_j - sum_k d_k p_k) / S`, with `S` the row's sum
+            // and `|d_k| <= |y'_k| / p_k`, so the rounding of the numerator is divided by `S`.
+            let amplified = if c.options.from_logits {
+                0.0
+            } else {
+                let sum: f64 = (0..classes).map(|j| x[at(r, j)].to_f64()).sum();
+                let least = (0..classes)
+                    .map(|j| x[at(r, j)].to_f64() / sum)
+                    .fold(1.0f64, f64::min)
+                    .max(reference::PROBABILITY_EPSILON);
+                factor.abs() * 2.0 * m / least / sum
+            };
+            let scale = factor.abs() * 2.0 * m + row_max + amplified;
             for j in 0..classes {
                 let (g, v) = (got[at(r, j)].to_f64(), wanted[at(r, j)]);
                 let allowed = tol.rel * v.abs() + tol.abs * scale + tol.floor;
