@@ -27,6 +27,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use deadline::parse_timeout;
+#[doc(hidden)] // For the fuzz target of the message prefix scan (fuzz/).
+pub use message_size::MessageSizeLayer;
 pub use oip::OipService;
 pub use service::XentService;
 use transport::drain::{MethodKinds, Streams};

@@ -1,0 +1,10 @@
+//! The `oip` target: see checks/oip.rs for what it checks.
+#![no_main]
+
+#[path = "../checks/oip.rs"]
+mod check;
+#[allow(dead_code)]
+#[path = "../checks/draw.rs"]
+mod draw;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::check(data));
