@@ -12,7 +12,7 @@ pub fn check(data: &[u8]) {
     let Ok(req) = ModelInferRequest::decode(data) else {
         return;
     };
-    let (ev, reply) = match xent::api::oip::decode::decode(req) {
+    let (ev, _schedule, reply) = match xent::api::oip::decode::decode(req) {
         Ok(decoded) => decoded,
         Err(Error::Internal(e)) => panic!("decode: internal error {e}"),
         Err(_) => return,
