@@ -345,7 +345,6 @@ mod tests {
     use std::time::Duration;
 
     use crate::compute::ComputePool;
-    use crate::proto::EvaluateResponse;
 
     fn call(batcher: &Batcher) -> Call {
         Call {
@@ -371,16 +370,17 @@ mod tests {
         let decode_panics = call(&batcher)
             .run(
                 || -> Result<(Evaluation, Schedule, ()), Error> { panic!("decoding failed") },
-                |(), _, _| -> Result<EvaluateResponse, Error> { unreachable!() },
+                |(), _, _| -> Result<prost_types::Duration, Error> { unreachable!() },
             )
             .await;
         let e = decode_panics.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Internal, "{e}");
         let request = || crate::compute::warm_up_request().map(|ev| (ev, Schedule::default(), ()));
         let encode_panics = call(&batcher)
-            .run(request, |(), _, _| -> Result<EvaluateResponse, Error> {
-                panic!("encoding failed")
-            })
+            .run(
+                request,
+                |(), _, _| -> Result<prost_types::Duration, Error> { panic!("encoding failed") },
+            )
             .await;
         assert_eq!(encode_panics.unwrap_err().code(), tonic::Code::Internal);
         let fine = call(&batcher)
