@@ -33,6 +33,7 @@ const KNOWN: &[(&str, &str)] = &[
     ("kernel", "zero_probability_row"),
     ("kernel", "float32_logit_span_overflow"),
     ("kernel", "float32_loss_term_overflow"),
+    ("kernel", "found_by_ci_fuzzing"),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -350,4 +351,13 @@ fn the_request_seeds_are_valid_requests() {
         }
     }
     assert!(oip >= 4, "{oip} OIP seeds");
+}
+
+/// Found by the kernel target in CI: a row where the f64 reference's gradient is NaN and the
+/// kernel's is 0 (element 20, example 5, class 0). Not yet analysed; it may be the oracle's
+/// fault rather than the kernel's.
+#[test]
+#[ignore = "kernel gradient 0 where the f64 reference gives NaN; not yet analysed"]
+fn kernel_found_by_ci_fuzzing() {
+    run_one("kernel", "found_by_ci_fuzzing", kernel::check_strict);
 }
