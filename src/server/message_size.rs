@@ -27,15 +27,13 @@ use http_body::{Frame, SizeHint};
 use tonic::Status;
 use tonic::body::Body;
 
+use super::framing::Framing;
 use crate::error::Error;
 use crate::eval::{Evaluation, Reduction};
 use crate::metrics::{self as m, ShedReason};
 
 /// The flag (and environment variable) that sets the limit, named in every refusal.
 const FLAG: &str = "--max-message-bytes (XENT_MAX_MESSAGE_BYTES)";
-
-/// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
-const PREFIX: usize = 5;
 
 /// The tower layer refusing request messages of the RPCs in `proto/` over `limit` bytes.
 #[derive(Clone, Copy, Debug)]
@@ -111,13 +109,7 @@ pub(super) fn method_of(path: &str) -> Option<&'static str> {
 
 /// Where the scan of a body's messages stands.
 #[derive(Debug, Default)]
-struct Scan {
-    /// Bytes of the current prefix seen so far (0 while inside a message).
-    prefix: [u8; PREFIX],
-    have: usize,
-    /// Bytes of the current message still to come.
-    remaining: u64,
-}
+struct Scan(Framing);
 
 impl Scan {
     /// Reads `data`; on a prefix announcing more than `limit` bytes, returns where that prefix
@@ -125,27 +117,13 @@ impl Scan {
     fn feed(&mut self, data: &[u8], limit: usize) -> Option<(usize, u64)> {
         let mut at = 0;
         while at < data.len() {
-            if self.remaining > 0 {
-                let skip = self.remaining.min((data.len() - at) as u64);
-                self.remaining -= skip;
-                at += skip as usize;
-                continue;
+            // A prefix completed by this step began where the step did (or in an earlier
+            // frame, when the step starts at 0).
+            let (n, len) = self.0.step(&data[at..]);
+            if let Some(len) = len.filter(|&l| l > limit as u64) {
+                return Some((at, len));
             }
-            let start = at.saturating_sub(self.have);
-            let take = (PREFIX - self.have).min(data.len() - at);
-            self.prefix[self.have..self.have + take].copy_from_slice(&data[at..at + take]);
-            self.have += take;
-            at += take;
-            if self.have == PREFIX {
-                self.have = 0;
-                let len = u64::from(u32::from_be_bytes(
-                    self.prefix[1..].try_into().expect("four bytes"),
-                ));
-                if len > limit as u64 {
-                    return Some((start, len));
-                }
-                self.remaining = len;
-            }
+            at += n;
         }
         None
     }

@@ -11,6 +11,7 @@ mod arrival;
 pub mod auth;
 mod call;
 mod deadline;
+mod framing;
 mod gzip;
 mod message_size;
 mod oip;

@@ -29,6 +29,7 @@ use super::drain::{Cut, Late, Mark, MethodKinds, Open};
 use super::{GrpcService, TransportSettings};
 use crate::error::Error;
 use crate::metrics::Ended;
+use crate::server::framing::Framing;
 
 /// What a stream needs from its connection.
 pub struct Call<S> {
@@ -509,108 +510,5 @@ impl Cutting {
             }
             pos += framing.feed_to_boundary(&data[pos..]);
         }
-    }
-}
-
-/// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
-const PREFIX: usize = 5;
-
-/// Where a byte stream of gRPC messages stands: inside a message, or between two.
-#[derive(Debug, Default)]
-struct Framing {
-    prefix: [u8; PREFIX],
-    have: usize,
-    /// Bytes of the current message still to come.
-    remaining: u64,
-}
-
-impl Framing {
-    fn feed(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let n = self.feed_to_boundary(data);
-            data = &data[n..];
-        }
-    }
-
-    /// Reads `data` up to the end of the current message (or of `data`); returns how much.
-    fn feed_to_boundary(&mut self, data: &[u8]) -> usize {
-        let mut at = 0;
-        while at < data.len() {
-            if self.remaining > 0 {
-                let skip = self.remaining.min((data.len() - at) as u64);
-                self.remaining -= skip;
-                at += skip as usize;
-                if self.remaining == 0 {
-                    return at;
-                }
-                continue;
-            }
-            let take = (PREFIX - self.have).min(data.len() - at);
-            self.prefix[self.have..self.have + take].copy_from_slice(&data[at..at + take]);
-            self.have += take;
-            at += take;
-            if self.have == PREFIX {
-                self.have = 0;
-                let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("four bytes"));
-                self.remaining = u64::from(len);
-                if len == 0 {
-                    return at;
-                }
-            }
-        }
-        at
-    }
-
-    /// Between two messages: nothing of a next one has arrived.
-    fn at_boundary(&self) -> bool {
-        self.have == 0 && self.remaining == 0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(n: u32) -> Vec<u8> {
-        let mut m = vec![0];
-        m.extend_from_slice(&n.to_be_bytes());
-        m.extend(std::iter::repeat_n(7u8, n as usize));
-        m
-    }
-
-    #[test]
-    fn framing_knows_when_it_is_between_messages() {
-        let mut bytes = msg(3);
-        bytes.extend(msg(0));
-        bytes.extend(msg(10));
-        // Boundaries after 8, 13 and 28 bytes, whatever the pieces.
-        for chunk in [1, 2, 3, 7, 28] {
-            let mut f = Framing::default();
-            assert!(f.at_boundary());
-            let mut at = 0;
-            for piece in bytes.chunks(chunk) {
-                f.feed(piece);
-                at += piece.len();
-                assert_eq!(
-                    f.at_boundary(),
-                    [0, 8, 13, 28].contains(&at),
-                    "{chunk} {at}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn feeding_to_a_boundary_stops_at_each_message_end() {
-        let mut bytes = msg(3);
-        bytes.extend(msg(0));
-        bytes.extend(msg(10));
-        let mut f = Framing::default();
-        assert_eq!(f.feed_to_boundary(&bytes), 8);
-        assert_eq!(f.feed_to_boundary(&bytes[8..]), 5);
-        assert_eq!(f.feed_to_boundary(&bytes[13..20]), 7);
-        assert!(!f.at_boundary());
-        assert_eq!(f.feed_to_boundary(&bytes[20..]), 8);
-        assert!(f.at_boundary());
     }
 }
