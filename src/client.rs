@@ -164,9 +164,8 @@ impl Token {
     pub fn from_file(path: &Path) -> Result<Token, ClientError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ClientError::Tls(format!("token file {}: {e}", path.display())))?;
-        text.lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with('#'))
+        crate::server::auth::tokens_in(&text)
+            .next()
             .map(|t| Token(t.to_owned()))
             .ok_or_else(|| {
                 ClientError::Tls(format!("token file {}: holds no token", path.display()))

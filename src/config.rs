@@ -315,19 +315,20 @@ pub struct SecuritySettings {
 /// Connections per listener when `--max-connections` is 0: three quarters of the soft
 /// file-descriptor limit (the rest is for the other listener, logs and the like), at least 16.
 pub fn default_max_connections() -> usize {
-    let nofile = fd_limit().unwrap_or(1024);
+    let nofile =
+        crate::metrics::max_fds().map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
     (nofile / 4 * 3).max(16)
 }
 
-/// The soft RLIMIT_NOFILE, from `/proc/self/limits` (no libc call needed).
-fn fd_limit() -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line.split_whitespace().nth(3)?;
-    if soft == "unlimited" {
-        return Some(1 << 20);
+/// `value` of the listener flag `flag` as an address, or None for `off`.
+fn listen_address(flag: &str, value: &str, example: &str) -> Result<Option<SocketAddr>, String> {
+    match value {
+        "off" | "" => Ok(None),
+        a => a
+            .parse::<SocketAddr>()
+            .map(Some)
+            .map_err(|e| format!("{flag} {a:?}: {e} (an address like {example}, or off)")),
     }
-    soft.parse().ok()
 }
 
 /// How the machine's cores are split: `(io_threads, compute_threads)`. The kernel is
@@ -482,18 +483,10 @@ impl Config {
                 self.verify_fraction
             ));
         }
-        let metrics_listen = match self.metrics_listen.as_str() {
-            "off" | "" => None,
-            a => Some(a.parse::<SocketAddr>().map_err(|e| {
-                format!("--metrics-listen {a:?}: {e} (an address like 127.0.0.1:9464, or off)")
-            })?),
-        };
-        let health_listen = match self.health_listen.as_str() {
-            "off" | "" => None,
-            a => Some(a.parse::<SocketAddr>().map_err(|e| {
-                format!("--health-listen {a:?}: {e} (an address like 0.0.0.0:50052, or off)")
-            })?),
-        };
+        let metrics_listen =
+            listen_address("--metrics-listen", &self.metrics_listen, "127.0.0.1:9464")?;
+        let health_listen =
+            listen_address("--health-listen", &self.health_listen, "0.0.0.0:50052")?;
         let security = SecuritySettings {
             tls: match (&self.tls_cert, &self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {

@@ -8,6 +8,8 @@
 
 mod process;
 
+pub use process::max_fds;
+
 use std::time::Duration;
 
 use axum::extract::State;

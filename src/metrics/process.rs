@@ -56,6 +56,14 @@ fn parse_max_fds(limits: &str) -> Option<u64> {
     line.split_whitespace().next()?.parse().ok()
 }
 
+/// The soft limit on this process's open files, if it has one.
+pub fn max_fds() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .as_deref()
+        .and_then(parse_max_fds)
+}
+
 /// The boot time in `/proc/stat`, in seconds since the Unix epoch.
 fn parse_boot_time(stat: &str) -> Option<u64> {
     stat.lines()
@@ -96,7 +104,7 @@ pub fn render(out: &mut String) {
         let help = "Number of open file descriptors.";
         sample(out, PROCESS_OPEN_FDS, "gauge", help, fds as f64);
     }
-    if let Some(max) = read("/proc/self/limits").as_deref().and_then(parse_max_fds) {
+    if let Some(max) = max_fds() {
         let help = "Maximum number of open file descriptors.";
         sample(out, PROCESS_MAX_FDS, "gauge", help, max as f64);
     }

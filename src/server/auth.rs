@@ -20,9 +20,6 @@ use tonic::body::Body;
 use super::reload::Stamp;
 use crate::error::Error;
 
-/// The gRPC paths served without a token.
-const OPEN: &str = "/grpc.health.v1.Health/";
-
 /// The tokens of `--auth-token-file`.
 #[derive(Debug)]
 pub struct Tokens {
@@ -114,14 +111,18 @@ impl Tokens {
     }
 }
 
+/// The tokens of a token file's text: one a line, blank lines and `#` comments left out.
+pub fn tokens_in(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
 /// The digests of the tokens in `path`.
 fn read(path: &PathBuf) -> Result<Vec<[u8; 32]>, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Startup(format!("--auth-token-file {}: {e}", path.display())))?;
-    let digests: Vec<[u8; 32]> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    let digests: Vec<[u8; 32]> = tokens_in(&text)
         .map(|t| {
             let d = digest(&SHA256, t.as_bytes());
             let mut out = [0u8; 32];
@@ -174,7 +175,7 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         if let Some(tokens) = &self.tokens
-            && !req.uri().path().starts_with(OPEN)
+            && !req.uri().path().starts_with(super::HEALTH_PATHS)
         {
             let value = req.headers().get(http::header::AUTHORIZATION);
             if let Err(refusal) = tokens.check(value.map(|v| v.as_bytes())) {

@@ -43,6 +43,10 @@ use crate::proto;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::xent_server::XentServer;
 
+/// The path prefix of grpc.health.v1's methods: health is served to late connections, whatever
+/// the byte budget, and without a token.
+pub(crate) const HEALTH_PATHS: &str = "/grpc.health.v1.Health/";
+
 /// The name health reports the evaluation service under.
 pub const SERVICE_NAME: &str = "xent.v1.Xent";
 

@@ -246,9 +246,6 @@ impl MethodKinds {
 #[derive(Clone, Copy, Debug)]
 pub struct Late;
 
-/// The path prefix of grpc.health.v1, the one service a late connection still serves.
-const HEALTH: &str = "/grpc.health.v1.Health/";
-
 /// The tower layer that refuses every call of a late connection but health's, with
 /// UNAVAILABLE and a retry delay.
 #[derive(Clone, Copy, Debug, Default)]
@@ -281,7 +278,8 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let path = req.uri().path();
-        if req.extensions().get::<Late>().is_none() || path.starts_with(HEALTH) {
+        if req.extensions().get::<Late>().is_none() || path.starts_with(crate::server::HEALTH_PATHS)
+        {
             return Box::pin(self.0.call(req));
         }
         if let Some(method) = super::super::message_size::method_of(path) {

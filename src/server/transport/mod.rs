@@ -262,24 +262,17 @@ async fn connect(tcp: TcpStream, tls: Option<Arc<Tls>>, shared: Shared<impl Grpc
 }
 
 /// Closes a connection over the limit as it comes (its client sees the connection closed
-/// and, as gRPC clients do, tries again or elsewhere), counted and logged at most once a
-/// second.
+/// and, as gRPC clients do, tries again or elsewhere), counted, and logged with the project's
+/// log-line limit.
 fn refuse(tcp: TcpStream) {
+    static LOG: crate::telemetry::LogLimit = crate::telemetry::LogLimit::new();
     Ended::ConnectionLimit.count();
     drop(tcp);
-    static LAST: std::sync::Mutex<Option<(std::time::Instant, u64)>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().expect("refusal log");
-    let now = std::time::Instant::now();
-    match &mut *last {
-        Some((at, n)) if now.duration_since(*at) < Duration::from_secs(1) => *n += 1,
-        _ => {
-            let before = last.map_or(0, |(_, n)| n);
-            tracing::warn!(
-                refused_since_last_line = before + 1,
-                "connection limit reached: connections closed as they come (--max-connections)"
-            );
-            *last = Some((now, 0));
-        }
+    if let Some(suppressed) = LOG.admit() {
+        tracing::warn!(
+            suppressed,
+            "connection limit reached: connections closed as they come (--max-connections)"
+        );
     }
 }
 

@@ -42,9 +42,6 @@ pub struct Call<S> {
     pub late: bool,
 }
 
-/// The path prefix of grpc.health.v1: probes are answered whatever the budget.
-const HEALTH: &str = "/grpc.health.v1.Health/";
-
 /// How often a request body held back by a spent budget looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(20);
 
@@ -138,7 +135,7 @@ fn refusal<S>(parts: &http::request::Parts, call: &Call<S>) -> Option<Status> {
             .into_status(),
         );
     }
-    if call.budget.spent() && !parts.uri.path().starts_with(HEALTH) {
+    if call.budget.spent() && !parts.uri.path().starts_with(crate::server::HEALTH_PATHS) {
         Ended::OverBudget.count();
         return Some(
             Error::Unavailable {
