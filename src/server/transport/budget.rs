@@ -20,6 +20,8 @@ use crate::metrics as m;
 pub struct Budget {
     limit: u64,
     used: AtomicU64,
+    /// `xent_transit_bytes`, looked up once: it is set on every piece of every transfer.
+    gauge: metrics::Gauge,
 }
 
 impl Budget {
@@ -28,6 +30,7 @@ impl Budget {
         Budget {
             limit,
             used: AtomicU64::new(0),
+            gauge: metrics::gauge!(m::TRANSIT_BYTES),
         }
     }
 
@@ -43,12 +46,12 @@ impl Budget {
 
     fn charge(&self, n: u64) {
         let now = self.used.fetch_add(n, Ordering::Relaxed) + n;
-        metrics::gauge!(m::TRANSIT_BYTES).set(now as f64);
+        self.gauge.set(now as f64);
     }
 
     fn release(&self, n: u64) {
         let now = self.used.fetch_sub(n, Ordering::Relaxed) - n;
-        metrics::gauge!(m::TRANSIT_BYTES).set(now as f64);
+        self.gauge.set(now as f64);
     }
 }
 
